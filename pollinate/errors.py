@@ -1,0 +1,59 @@
+"""Errors raised by pollinate.
+
+Every error derives from one root, so ``except PollinateError`` catches them all::
+
+    PollinateError
+    ├── ConfigError            a run config or argument is invalid (names the key and the fix)
+    ├── DataError              a data set is missing, corrupt, or cannot be partitioned as asked
+    ├── SerializationError     bytes that are not a valid Arrays payload (truncated, oversized, …)
+    ├── UpdateRejected         a client's update has the wrong shapes/dtypes or non-finite values
+    ├── ClientFailure          a client task raised, died, or missed the round deadline
+    ├── RoundFailedError       too few clients succeeded for the round to count
+    ├── BackendError           a simulation backend could not start or lost its workers
+    └── MissingDependencyError an optional dependency (torch, ray …) is not installed
+"""
+
+from __future__ import annotations
+
+
+class PollinateError(Exception):
+    """Root of every error raised by pollinate."""
+
+
+class ConfigError(PollinateError, ValueError):
+    """A run config, CLI argument or API argument is invalid."""
+
+
+class DataError(PollinateError, ValueError):
+    """A data set is missing or corrupt, or cannot be partitioned as requested."""
+
+
+class SerializationError(PollinateError, ValueError):
+    """Bytes that cannot be decoded as an Arrays payload."""
+
+
+class UpdateRejected(PollinateError, ValueError):
+    """A client's update does not match the global model or holds non-finite values."""
+
+
+class ClientFailure(PollinateError):
+    """A client task raised, its worker died, or it missed the round deadline."""
+
+
+class RoundFailedError(PollinateError):
+    """Fewer clients than the strategy's minimum succeeded in a round."""
+
+
+class BackendError(PollinateError):
+    """A simulation backend could not start its workers or lost them."""
+
+
+class MissingDependencyError(PollinateError, ImportError):
+    """An optional dependency is not installed; the message says which extra to install."""
+
+
+def missing_dependency(package: str, extra: str) -> MissingDependencyError:
+    """Build the error raised when an optional ``package`` is missing."""
+    return MissingDependencyError(
+        f"{package} is not installed; install it with: pip install 'pollinate[{extra}]'"
+    )

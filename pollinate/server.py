@@ -1,0 +1,220 @@
+"""The server side: the round loop, in one place, top to bottom.
+
+A round, in order (DESIGN.md):
+
+1. ``strategy.configure_train`` samples clients and says what each trains with;
+2. ``executor.submit`` runs ``client.train`` on each of them, with a round deadline
+   (a simulation backend, or a network transport);
+3. ``strategy.aggregate_train`` folds the results into the next global model as they
+   arrive; failures and stragglers are counted, not fatal;
+4. federated evaluation (``configure_evaluate`` → clients' ``evaluate`` →
+   ``aggregate_evaluate``) and centralized evaluation (``strategy.evaluate``);
+5. the round is recorded in the history and the callbacks (progress, files, checkpoints)
+   see it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pollinate.strategy.base import EvaluateSummary, Failure, Strategy, TrainSummary
+from pollinate.types import (
+    Arrays,
+    ClientId,
+    EvaluateIns,
+    Metrics,
+    Outcome,
+    TaskKind,
+    TrainIns,
+    to_python_scalars,
+)
+
+
+class Executor(Protocol):
+    """Runs one kind of client task on the planned clients; yields outcomes as they finish."""
+
+    def submit(
+        self,
+        round_number: int,
+        kind: TaskKind,
+        plan: Sequence[tuple[ClientId, TrainIns | EvaluateIns]],
+        timeout_s: float,
+    ) -> Iterator[Outcome]: ...
+
+
+class Callback:
+    """Hooks into a run; every method is optional."""
+
+    def on_run_start(self, rounds: int, start_round: int) -> None:
+        """Before the first round."""
+
+    def on_round_start(self, round_number: int) -> None:
+        """Before a round's sampling."""
+
+    def on_task_done(self, round_number: int, outcome: Outcome, done: int, total: int) -> None:
+        """After each client task finishes (or fails)."""
+
+    def on_round_end(self, record: dict[str, Any], arrays: Arrays) -> None:
+        """After a round is recorded, with the new global model."""
+
+    def on_run_end(self, history: History, error: BaseException | None) -> None:
+        """After the last round, or when the run stops on an error."""
+
+
+@dataclass
+class History:
+    """The record of a run: the resolved config and one entry per completed round."""
+
+    config: dict[str, Any] = field(default_factory=dict)
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": self.config, "rounds": self.rounds}
+
+    def metric(self, section: str, key: str) -> list[float | None]:
+        """One metric per round, e.g. ``metric("centralized", "accuracy")`` (None if absent)."""
+        return [r.get(section, {}).get(key) for r in self.rounds]
+
+    @property
+    def last(self) -> dict[str, Any]:
+        return self.rounds[-1] if self.rounds else {}
+
+
+@dataclass
+class RunResult:
+    """What a run returns: its history and the final global model."""
+
+    history: History
+    arrays: Arrays
+
+
+def run(
+    strategy: Strategy,
+    executor: Executor,
+    clients: Sequence[ClientId],
+    arrays: Arrays,
+    rounds: int,
+    *,
+    callbacks: Sequence[Callback] = (),
+    history: History | None = None,
+    start_round: int = 1,
+) -> RunResult:
+    """Run rounds ``start_round..rounds`` from ``arrays``; return the history and final model."""
+    history = history if history is not None else History()
+    started = time.monotonic()
+    for cb in callbacks:
+        cb.on_run_start(rounds, start_round)
+    error: BaseException | None = None
+    try:
+        for round_number in range(start_round, rounds + 1):
+            arrays, record = run_round(
+                round_number, arrays, strategy, executor, clients, callbacks, started
+            )
+            history.rounds.append(record)
+            for cb in callbacks:
+                cb.on_round_end(record, arrays)
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        for cb in callbacks:
+            cb.on_run_end(history, error)
+    return RunResult(history, arrays)
+
+
+def run_round(
+    round_number: int,
+    arrays: Arrays,
+    strategy: Strategy,
+    executor: Executor,
+    clients: Sequence[ClientId],
+    callbacks: Sequence[Callback] = (),
+    started: float | None = None,
+) -> tuple[Arrays, dict[str, Any]]:
+    """One round of federated training and evaluation; returns the new model and its record."""
+    started = time.monotonic() if started is None else started
+    for cb in callbacks:
+        cb.on_round_start(round_number)
+
+    # 1. sample clients and configure their training
+    train_plan = strategy.configure_train(round_number, arrays, clients)
+
+    # 2. send the global model: each sampled client trains it, until the round deadline
+    outcomes = executor.submit(round_number, "train", train_plan, strategy.round_timeout_s)
+
+    # 3. fold results into the next global model as they arrive
+    train = strategy.aggregate_train(
+        round_number, arrays, _observed(outcomes, round_number, len(train_plan), callbacks)
+    )
+    arrays = train.arrays
+
+    # 4. federated evaluation where the data lives, then centralized evaluation
+    federated = None
+    evaluate_plan = strategy.configure_evaluate(round_number, arrays, clients)
+    if evaluate_plan:
+        outcomes = executor.submit(
+            round_number, "evaluate", evaluate_plan, strategy.round_timeout_s
+        )
+        federated = strategy.aggregate_evaluate(
+            round_number, _observed(outcomes, round_number, len(evaluate_plan), callbacks)
+        )
+    centralized = strategy.evaluate(round_number, arrays)
+
+    # 5. record the round
+    record = make_record(round_number, time.monotonic() - started, train, federated, centralized)
+    return arrays, record
+
+
+def _observed(
+    outcomes: Iterable[Outcome], round_number: int, total: int, callbacks: Sequence[Callback]
+) -> Iterator[Outcome]:
+    """Pass outcomes through, telling the callbacks about each one."""
+    for done, outcome in enumerate(outcomes, start=1):
+        for cb in callbacks:
+            cb.on_task_done(round_number, outcome, done, total)
+        yield outcome
+
+
+def make_record(
+    round_number: int,
+    wall_s: float,
+    train: TrainSummary,
+    federated: EvaluateSummary | None,
+    centralized: tuple[float, Metrics] | None,
+) -> dict[str, Any]:
+    """One round's entry in ``history.json`` (absent metrics stay absent)."""
+    failures: list[Failure] = list(train.failures) + list(federated.failures if federated else [])
+    record: dict[str, Any] = {"round": round_number, "wall_s": round(wall_s, 4)}
+    if centralized is not None:
+        loss, metrics = centralized
+        record["centralized"] = {"loss": float(loss), **to_python_scalars(metrics)}
+    if federated is not None:
+        record["federated"] = {
+            "loss": float(federated.loss),
+            **to_python_scalars(federated.metrics),
+            "clients": federated.clients,
+        }
+    kinds = [f.kind for f in train.failures]
+    record["train"] = {
+        "clients": train.clients,
+        "failures": len(train.failures),
+        "timeouts": kinds.count("timeout"),
+        "rejected": kinds.count("rejected"),
+        "metrics": to_python_scalars(train.metrics),
+    }
+    clients: dict[str, dict[str, Any]] = {}
+    for cid, (n, metrics) in train.per_client.items():
+        clients[str(cid)] = {"num_examples": int(n), "train": to_python_scalars(metrics)}
+    if federated is not None:
+        for cid, (loss, metrics) in federated.per_client.items():
+            entry = clients.setdefault(str(cid), {})
+            entry["evaluate"] = {"loss": float(loss), **to_python_scalars(metrics)}
+    record["clients"] = clients
+    record["failures"] = [
+        {"client_id": f.client_id, "task": f.task, "kind": f.kind, "reason": f.reason}
+        for f in failures
+    ]
+    return record

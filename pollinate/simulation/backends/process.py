@@ -1,0 +1,266 @@
+"""The process backend: N worker processes on this machine, fed longest task first.
+
+Each worker unpickles the user's ``client_fn`` once and keeps a per-worker cache, so the
+model is built once per worker and reused for every client it serves. Large NumPy arrays
+inside ``client_fn`` (the data set) are written once to ``.npy`` files and memory-mapped by
+every worker, never pickled per task. The round's global arrays go to a shared-memory block
+once per round; each worker reads them once. A worker that is still busy at the deadline,
+or that dies, is replaced, and its task counts as failed.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import multiprocessing as mp
+import os
+import pickle
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from multiprocessing.connection import Connection, wait
+from multiprocessing.shared_memory import SharedMemory
+from typing import Any
+
+import numpy as np
+
+from pollinate import serde
+from pollinate.client import ClientFn
+from pollinate.errors import BackendError, ConfigError
+from pollinate.simulation.backends.base import (
+    Backend,
+    execute_task,
+    longest_first,
+    timeout_outcome,
+)
+from pollinate.types import Arrays, Outcome, Task, TrainRes
+
+log = logging.getLogger("pollinate")
+
+SHARE_MIN_BYTES = 1 << 16  # arrays at least this large are memory-mapped, not pickled
+
+
+class _SharingPickler(pickle.Pickler):
+    """Pickles large arrays as paths to ``.npy`` files that workers memory-map."""
+
+    def __init__(self, file: io.BytesIO, folder: str) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self._folder = folder
+        self._saved: dict[int, str] = {}
+
+    def reducer_override(self, obj: Any) -> Any:
+        if (
+            type(obj) in (np.ndarray, np.memmap)
+            and obj.nbytes >= SHARE_MIN_BYTES
+            and not obj.dtype.hasobject
+        ):
+            path = self._saved.get(id(obj))
+            if path is None:
+                path = os.path.join(self._folder, f"array-{len(self._saved)}.npy")
+                np.save(path, obj)
+                self._saved[id(obj)] = path
+            return _load_shared, (path,)
+        return NotImplemented
+
+
+def _load_shared(path: str) -> np.ndarray:
+    return np.load(path, mmap_mode="r")
+
+
+def _share(client_fn: ClientFn, folder: str) -> bytes:
+    buf = io.BytesIO()
+    try:
+        _SharingPickler(buf, folder).dump(client_fn)
+    except (pickle.PicklingError, AttributeError, TypeError) as exc:
+        raise ConfigError(
+            f"the process backend must send client_fn to its workers, but it cannot be "
+            f"pickled ({exc}). Define it at module level (not a lambda or closure), or use "
+            "backend='sequential'."
+        ) from exc
+    return buf.getvalue()
+
+
+def _worker_main(conn: Connection, payload: bytes) -> None:
+    """A worker's loop: receive tasks, run them, send outcomes (arrays as raw bytes)."""
+    client_fn = pickle.loads(payload)
+    cache: dict[str, Any] = {}
+    token, arrays = None, []
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError, KeyboardInterrupt):
+            return
+        if msg[0] == "stop":
+            return
+        _, task_token, shm_name, size, task = msg
+        if task_token != token:
+            shm = SharedMemory(name=shm_name)
+            try:
+                arrays = serde.loads(shm.buf[:size], copy=True)
+            finally:
+                shm.close()
+            token = task_token
+        outcome = execute_task(client_fn, task, arrays, cache)
+        res = outcome.result
+        if isinstance(res, TrainRes) and _is_arrays(res.arrays):
+            conn.send((replace(outcome, result=replace(res, arrays=[])), True))
+            conn.send_bytes(serde.dumps(res.arrays))
+        else:
+            try:
+                conn.send((outcome, False))
+            except (pickle.PicklingError, TypeError, AttributeError) as exc:
+                conn.send((_unsendable(outcome, exc), False))
+
+
+def _unsendable(outcome: Outcome, exc: Exception) -> Outcome:
+    return Outcome(
+        outcome.client_id,
+        outcome.kind,
+        error=f"the client's result cannot be sent back to the server: {exc}",
+        seconds=outcome.seconds,
+    )
+
+
+def _is_arrays(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(a, np.ndarray) for a in value)
+
+
+class _Worker:
+    def __init__(self, ctx: Any, payload: bytes, env: dict[str, str]) -> None:
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_worker_main, args=(child, payload), daemon=True)
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)  # thread limits are read by the child at start-up
+        try:
+            self.process.start()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        child.close()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        try:
+            self.conn.send(("stop",))
+        except (OSError, ValueError):
+            pass
+        self.process.join(timeout)
+        self.kill()
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)
+        self.conn.close()
+
+
+class ProcessBackend(Backend):
+    """Worker processes on this machine (the default backend)."""
+
+    name = "process"
+
+    def __init__(self, workers: int = 2, threads_per_worker: int = 1) -> None:
+        if workers < 1:
+            raise ConfigError(f"simulation.workers must be >= 1, got {workers}")
+        if threads_per_worker < 1:
+            raise ConfigError(
+                f"simulation.threads_per_worker must be >= 1, got {threads_per_worker}"
+            )
+        self.workers = workers
+        self.threads_per_worker = threads_per_worker
+        self._ctx = mp.get_context("spawn")
+        self._pool: list[_Worker] = []
+        self._payload = b""
+        self._folder: str | None = None
+        self._token = 0
+
+    def _env(self) -> dict[str, str]:
+        n = str(self.threads_per_worker)
+        return {v: n for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+
+    def start(self, client_fn: ClientFn) -> None:
+        self.close()
+        self._folder = tempfile.mkdtemp(prefix="pollinate-shared-")
+        self._payload = _share(client_fn, self._folder)
+        try:
+            self._pool = [self._spawn() for _ in range(self.workers)]
+        except OSError as exc:
+            self.close()
+            raise BackendError(f"could not start {self.workers} worker processes: {exc}") from exc
+
+    def _spawn(self) -> _Worker:
+        return _Worker(self._ctx, self._payload, self._env())
+
+    def _replace(self, worker: _Worker) -> _Worker:
+        worker.kill()
+        fresh = self._spawn()
+        self._pool[self._pool.index(worker)] = fresh
+        return fresh
+
+    def run(self, arrays: Arrays, tasks: Sequence[Task], deadline: float) -> Iterator[Outcome]:
+        if not self._pool:
+            raise BackendError("ProcessBackend.run called before start()")
+        payload = serde.dumps(arrays)
+        shm = SharedMemory(create=True, size=max(1, len(payload)))
+        shm.buf[: len(payload)] = payload
+        self._token += 1
+        pending = longest_first(tasks)
+        idle = list(self._pool)
+        busy: dict[Connection, tuple[_Worker, Task]] = {}
+        try:
+            while pending or busy:
+                while idle and pending:
+                    worker, task = idle.pop(), pending.pop(0)
+                    worker.conn.send(("task", self._token, shm.name, len(payload), task))
+                    busy[worker.conn] = (worker, task)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    for worker, task in list(busy.values()):
+                        self._replace(worker)
+                        yield timeout_outcome(task, "still running at the round deadline")
+                    busy.clear()
+                    for task in pending:
+                        yield timeout_outcome(task)
+                    pending = []
+                    break
+                for conn in wait(list(busy), timeout=remaining):
+                    worker, task = busy.pop(conn)  # type: ignore[index]
+                    outcome = self._receive(worker, task)
+                    if outcome.error and outcome.error.startswith("worker"):
+                        worker = self._replace(worker)
+                    idle.append(worker)
+                    yield outcome
+        finally:
+            for worker, _ in busy.values():  # abandoned mid-round: don't leak stale results
+                self._replace(worker)
+            shm.close()
+            shm.unlink()
+
+    @staticmethod
+    def _receive(worker: _Worker, task: Task) -> Outcome:
+        try:
+            outcome, has_arrays = worker.conn.recv()
+            if has_arrays:
+                arrays = serde.loads(worker.conn.recv_bytes())
+                outcome = replace(outcome, result=replace(outcome.result, arrays=arrays))
+            return outcome
+        except (EOFError, OSError):
+            worker.process.join(1)
+            code = worker.process.exitcode
+            return Outcome(
+                task.client_id,
+                task.kind,
+                error=f"worker process died (exit code {code}) while running this client",
+            )
+
+    def close(self) -> None:
+        for worker in self._pool:
+            worker.stop()
+        self._pool = []
+        if self._folder:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None

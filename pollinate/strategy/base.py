@@ -1,0 +1,79 @@
+"""The Strategy interface: who takes part in a round and how results become the next model."""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from pollinate.types import Arrays, ClientId, EvaluateIns, Metrics, Outcome, TrainIns
+
+log = logging.getLogger("pollinate")
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A client task that did not count: what it was, and why."""
+
+    client_id: ClientId
+    task: str
+    reason: str
+    kind: str = "error"  # error | timeout | rejected
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    """What aggregating one round's training produced."""
+
+    arrays: Arrays
+    metrics: Metrics
+    clients: int
+    failures: list[Failure] = field(default_factory=list)
+    per_client: dict[ClientId, tuple[int, Metrics]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvaluateSummary:
+    """What aggregating one round's federated evaluation produced."""
+
+    loss: float
+    metrics: Metrics
+    clients: int
+    failures: list[Failure] = field(default_factory=list)
+    per_client: dict[ClientId, tuple[float, Metrics]] = field(default_factory=dict)
+
+
+class Strategy(ABC):
+    """Decides who trains and evaluates each round, and how their results are combined."""
+
+    #: seconds a round's tasks may take before stragglers are dropped
+    round_timeout_s: float = 600.0
+
+    @abstractmethod
+    def configure_train(
+        self, round_number: int, arrays: Arrays, clients: Sequence[ClientId]
+    ) -> list[tuple[ClientId, TrainIns]]:
+        """Sample clients and say what each trains with."""
+
+    @abstractmethod
+    def aggregate_train(
+        self, round_number: int, arrays: Arrays, outcomes: Iterable[Outcome]
+    ) -> TrainSummary:
+        """Fold training outcomes, as they arrive, into the next global model."""
+
+    @abstractmethod
+    def configure_evaluate(
+        self, round_number: int, arrays: Arrays, clients: Sequence[ClientId]
+    ) -> list[tuple[ClientId, EvaluateIns]]:
+        """Sample clients for federated evaluation (an empty list skips it)."""
+
+    @abstractmethod
+    def aggregate_evaluate(
+        self, round_number: int, outcomes: Iterable[Outcome]
+    ) -> EvaluateSummary | None:
+        """Combine federated evaluation outcomes (None when nobody evaluated)."""
+
+    def evaluate(self, round_number: int, arrays: Arrays) -> tuple[float, Metrics] | None:
+        """Centralized evaluation on server-side data (None when there is none)."""
+        return None
