@@ -17,6 +17,7 @@ input raises ``SerializationError``.
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Sequence
 
@@ -30,6 +31,7 @@ ALIGN = 64
 MAX_NDIM = 32
 MAX_ARRAYS = 1_000_000
 _ALLOWED_KINDS = frozenset("biufc")  # bool, signed, unsigned, float, complex
+_DTYPE_STR = re.compile(r"[<>|][biufc][0-9]{1,2}")  # what ``dtype.str`` gives for those kinds
 
 
 def _aligned(n: int) -> int:
@@ -73,7 +75,7 @@ def dumps(arrays: Sequence[np.ndarray]) -> bytearray:
     out[: len(head)] = head
     for a, off in zip(arrays, offsets):
         if a.nbytes:
-            out[off : off + a.nbytes] = memoryview(np.ascontiguousarray(a)).cast("B")
+            out[off : off + a.nbytes] = memoryview(np.ascontiguousarray(a)).cast("B")  # type: ignore[arg-type]
     return out
 
 
@@ -113,14 +115,25 @@ def loads(
                     "the payload is truncated or corrupt"
                 )
             arr = np.frombuffer(buf, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset)
-            arr = arr.reshape(shape)
-            arrays.append(arr.copy() if copy else arr)
+            try:
+                arr = arr.reshape(shape)
+            except ValueError:  # e.g. a zero-size shape with dimensions NumPy cannot hold
+                raise SerializationError(
+                    f"array {i} claims an impossible shape {list(shape)}"
+                ) from None
+            if copy:
+                arr = arr.copy()
+            else:
+                arr.flags.writeable = False  # a view must not change the caller's buffer
+            arrays.append(arr)
     except (IndexError, struct.error, UnicodeDecodeError) as exc:
         raise SerializationError(f"truncated or malformed Arrays header: {exc}") from None
     return arrays
 
 
 def _safe_dtype(dt_str: str, index: int) -> np.dtype:
+    if not _DTYPE_STR.fullmatch(dt_str):  # never let np.dtype parse arbitrary strings
+        raise SerializationError(f"array {index} has a forbidden dtype {dt_str!r}")
     try:
         dtype = np.dtype(dt_str)
     except TypeError:

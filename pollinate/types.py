@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
@@ -83,7 +84,7 @@ class Outcome:
         return self.error is None
 
 
-def check_scalars(values: dict[str, object], what: str) -> None:
+def check_scalars(values: Mapping[str, object], what: str) -> None:
     """Raise TypeError unless ``values`` is a flat dict of str → int | float | str | bool."""
     for key, value in values.items():
         if not isinstance(key, str):
@@ -94,7 +95,7 @@ def check_scalars(values: dict[str, object], what: str) -> None:
             )
 
 
-def to_python_scalars(values: dict[str, object]) -> dict[str, Scalar]:
+def to_python_scalars(values: Mapping[str, object]) -> dict[str, Scalar]:
     """Return ``values`` with NumPy scalars turned into plain Python ones (JSON-safe)."""
     out: dict[str, Scalar] = {}
     for key, value in values.items():

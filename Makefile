@@ -1,0 +1,38 @@
+# Quick start: `make run` (the default experiment) and `make test` (the whole suite).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+# torch is pinned: this version has a CPU build; an unpinned torch pulls a multi-GB CUDA build
+TORCH  := torch==2.13.0
+
+.PHONY: run test lint bench clean
+
+$(VENV)/.run-ready: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install $(TORCH)
+	$(PIP) install -e ".[torch,data]"
+	touch $@
+
+$(VENV)/.test-ready: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install $(TORCH)
+	$(PIP) install -e ".[torch,data,ray,dev]"
+	touch $@ $(VENV)/.run-ready
+
+run: $(VENV)/.run-ready
+	$(VENV)/bin/pollinate run $(ARGS)
+
+lint: $(VENV)/.test-ready
+	$(VENV)/bin/ruff check pollinate tests bench
+	$(VENV)/bin/ruff format --check pollinate tests bench
+	$(VENV)/bin/mypy pollinate
+
+test: $(VENV)/.test-ready lint
+	$(PY) -m pytest -q -rs --durations=15
+
+bench: $(VENV)/.test-ready
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,198 @@
+"""Callbacks that watch a run: live progress, the run folder's files, and checkpoints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from pollinate.server import Callback, History
+from pollinate.types import Arrays, Outcome
+
+log = logging.getLogger("pollinate")
+
+
+def _fmt_s(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def headline(record: dict[str, Any]) -> str:
+    """The round's key numbers in one short phrase."""
+    parts = []
+    for section in ("centralized", "federated"):
+        acc = record.get(section, {}).get("accuracy")
+        if acc is not None:
+            parts.append(f"{section} accuracy {acc:.4f}")
+    train = record.get("train", {})
+    parts.append(f"{train.get('clients', 0)} trained")
+    if train.get("failures"):
+        parts.append(f"{train['failures']} failed")
+    return ", ".join(parts)
+
+
+class ProgressDisplay(Callback):
+    """Round i/n, clients done, elapsed and ETA, last accuracy.
+
+    A live bar on a terminal; one plain line per round otherwise; nothing when ``quiet``.
+    """
+
+    def __init__(self, quiet: bool = False, stream: TextIO | None = None) -> None:
+        self.quiet = quiet
+        self.stream = stream or sys.stderr
+        self.live = not quiet and self.stream.isatty()
+        self._progress: Any = None
+        self._task: Any = None
+        self._rounds = 0
+        self._first = 1
+        self._started = 0.0
+        self._last = ""
+
+    def on_run_start(self, rounds: int, start_round: int) -> None:
+        self._rounds, self._first = rounds, start_round
+        self._started = time.monotonic()
+        if self.live:
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(
+                TextColumn("[bold]round {task.fields[round]}/{task.fields[rounds]}"),
+                BarColumn(),
+                TextColumn("{task.fields[clients]}"),
+                TimeElapsedColumn(),
+                TextColumn("ETA {task.fields[eta]}"),
+                TextColumn("{task.fields[last]}"),
+                console=Console(file=self.stream),
+                transient=False,
+            )
+            self._task = self._progress.add_task(
+                "run",
+                total=rounds - start_round + 1,
+                round=start_round,
+                rounds=rounds,
+                clients="",
+                eta="?",
+                last="",
+            )
+            self._progress.start()
+
+    def _eta(self, done_rounds: int) -> str:
+        if done_rounds <= 0:
+            return "?"
+        per_round = (time.monotonic() - self._started) / done_rounds
+        return _fmt_s(per_round * (self._rounds - self._first + 1 - done_rounds))
+
+    def on_round_start(self, round_number: int) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, round=round_number, clients="sampling")
+
+    def on_task_done(self, round_number: int, outcome: Outcome, done: int, total: int) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, clients=f"{outcome.kind} {done}/{total} clients")
+
+    def on_round_end(self, record: dict[str, Any], arrays: Arrays) -> None:
+        rnd = record["round"]
+        done = rnd - self._first + 1
+        self._last = headline(record)
+        if self._progress is not None:
+            self._progress.update(
+                self._task, advance=1, eta=self._eta(done), last=self._last, clients="done"
+            )
+        elif not self.quiet:
+            elapsed = _fmt_s(time.monotonic() - self._started)
+            print(
+                f"round {rnd}/{self._rounds}: {self._last} "
+                f"[{elapsed} elapsed, ETA {self._eta(done)}]",
+                file=self.stream,
+                flush=True,
+            )
+
+    def on_run_end(self, history: History, error: BaseException | None) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def save_checkpoint(path: Path, arrays: Arrays, meta: dict[str, Any]) -> None:
+    """Write ``arrays`` and JSON metadata to an ``.npz`` file, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    named = {f"arr_{i:04d}": a for i, a in enumerate(arrays)}
+    np.savez(tmp, __meta__=np.array(json.dumps(meta)), **named)  # type: ignore[arg-type]
+    tmp.replace(path)
+
+
+def load_checkpoint(path: str | Path) -> tuple[Arrays, dict[str, Any]]:
+    """Read a checkpoint written by ``save_checkpoint``: (arrays, metadata)."""
+    with np.load(path, allow_pickle=False) as data:
+        keys = sorted(k for k in data.files if k.startswith("arr_"))
+        meta = json.loads(str(data["__meta__"])) if "__meta__" in data.files else {}
+        return [data[k] for k in keys], meta
+
+
+def _score(record: dict[str, Any]) -> float | None:
+    """Higher is better: accuracy (centralized first), else minus the loss."""
+    for section in ("centralized", "federated"):
+        values = record.get(section, {})
+        if values.get("accuracy") is not None:
+            return float(values["accuracy"])
+    for section in ("centralized", "federated"):
+        loss = record.get(section, {}).get("loss")
+        if loss is not None and math.isfinite(loss):
+            return -float(loss)
+    return None
+
+
+class RunFolderWriter(Callback):
+    """Keeps the run folder current: history.json and metrics.csv after every round,
+    checkpoints of the last and best global model, plots and the report at the end."""
+
+    def __init__(
+        self,
+        output: Path,
+        history: History,
+        label_counts: np.ndarray | None = None,
+        plots: bool = True,
+    ) -> None:
+        self.output = Path(output)
+        self.history = history
+        self.label_counts = label_counts
+        self.plots = plots
+        self._best: float | None = None
+        self.output.mkdir(parents=True, exist_ok=True)
+
+    def on_run_start(self, rounds: int, start_round: int) -> None:
+        from pollinate.report import write_json_atomic
+
+        write_json_atomic(self.output / "config.json", self.history.config)
+
+    def on_round_end(self, record: dict[str, Any], arrays: Arrays) -> None:
+        from pollinate.report import write_history, write_metrics_csv
+
+        data = self.history.to_dict()
+        write_history(self.output / "history.json", data)
+        write_metrics_csv(self.output / "metrics.csv", data)
+        meta = {"round": record["round"], "score": _score(record)}
+        save_checkpoint(self.output / "checkpoints" / "last.npz", arrays, meta)
+        score = _score(record)
+        if score is not None and (self._best is None or score > self._best):
+            self._best = score
+            save_checkpoint(self.output / "checkpoints" / "best.npz", arrays, meta)
+
+    def on_run_end(self, history: History, error: BaseException | None) -> None:
+        if not history.rounds:
+            return
+        from pollinate.report import write_report, write_run_outputs
+
+        try:
+            write_run_outputs(self.output, history.to_dict(), self.label_counts)
+            if self.plots:
+                write_report(self.output)
+        except Exception:  # plots must never hide the run's own outcome
+            log.exception("could not write plots or report to %s", self.output)

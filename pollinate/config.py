@@ -1,0 +1,271 @@
+"""The TOML run config: schema, validation, and ``--set section.key=value`` overrides.
+
+Every key has a default, so an empty file (or none) is the default digits experiment.
+Errors name the key, what was given and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from pollinate.errors import ConfigError
+
+
+@dataclass
+class RunSection:
+    """[run]: the experiment as a whole."""
+
+    name: str = "digits"
+    rounds: int = 10
+    seed: int = 0
+    output: str = ""  # the run folder; default runs/<name>
+    deterministic: bool = False
+
+
+@dataclass
+class DataSection:
+    """[data]: the data set and how it is split across clients."""
+
+    dataset: str = "digits"
+    partition: str = "iid"
+    num_clients: int = 10
+    alpha: float = 0.5
+    min_size: int = 2
+    shards_per_client: int = 2
+    client_test_fraction: float = 0.1
+
+
+@dataclass
+class ModelSection:
+    """[model]: what is trained."""
+
+    name: str = "mlp"
+    hidden: list[int] = field(default_factory=lambda: [64])
+
+
+@dataclass
+class TrainSection:
+    """[train]: local training on each client."""
+
+    epochs: int = 5
+    batch_size: int = 32
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    local_evaluation: bool = True
+
+
+@dataclass
+class StrategySection:
+    """[strategy]: client selection and aggregation."""
+
+    name: str = "fedavg"
+    fraction_train: float = 1.0
+    min_train_clients: int = 2
+    min_available_clients: int = 2
+    fraction_evaluate: float = 1.0
+    min_evaluate_clients: int = 2
+    round_timeout_s: float = 600.0
+
+
+@dataclass
+class SimulationSection:
+    """[simulation]: where the virtual clients run."""
+
+    backend: str = "process"
+    workers: int = 2
+    threads_per_worker: int = 1
+    ray_address: str = ""
+
+
+@dataclass
+class RunConfig:
+    """A whole run config."""
+
+    run: RunSection = field(default_factory=RunSection)
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    strategy: StrategySection = field(default_factory=StrategySection)
+    simulation: SimulationSection = field(default_factory=SimulationSection)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.run.output or f"runs/{self.run.name}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("data", "partition"): ("iid", "dirichlet", "shards", "quantity"),
+    ("train", "optimizer"): ("sgd", "adam"),
+    ("strategy", "name"): ("fedavg",),
+    ("simulation", "backend"): ("sequential", "process", "ray"),
+}
+POSITIVE = {
+    ("run", "rounds"),
+    ("data", "num_clients"),
+    ("data", "alpha"),
+    ("data", "shards_per_client"),
+    ("train", "epochs"),
+    ("train", "batch_size"),
+    ("train", "lr"),
+    ("strategy", "round_timeout_s"),
+    ("simulation", "workers"),
+    ("simulation", "threads_per_worker"),
+}
+NON_NEGATIVE = {
+    ("data", "min_size"),
+    ("train", "momentum"),
+    ("train", "weight_decay"),
+    ("strategy", "min_train_clients"),
+    ("strategy", "min_available_clients"),
+    ("strategy", "min_evaluate_clients"),
+}
+FRACTIONS = {
+    ("data", "client_test_fraction"),
+    ("strategy", "fraction_train"),
+    ("strategy", "fraction_evaluate"),
+}
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: f.type for f in dataclasses.fields(RunConfig)}  # type: ignore[misc]
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _unknown(kind: str, name: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"unknown {kind} {name!r}{hint}; allowed: {', '.join(sorted(known))}")
+
+
+def _coerce(section: str, key: str, value: Any, hint: Any) -> Any:
+    where = f"{section}.{key}"
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    if hint == list[int]:
+        if not isinstance(value, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value
+        ):
+            raise ConfigError(f"{where} must be a list of positive integers, got {value!r}")
+        return list(value)
+    raise ConfigError(f"{where}: unsupported type {hint}")  # pragma: no cover
+
+
+def _check(cfg: RunConfig) -> None:
+    for (section, key), allowed in CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in allowed:
+            raise ConfigError(
+                f"{section}.{key} = {value!r} is not allowed; choose one of: {', '.join(allowed)}"
+            )
+    for section, key in POSITIVE:
+        value = getattr(getattr(cfg, section), key)
+        if value <= 0:
+            raise ConfigError(f"{section}.{key} must be > 0, got {value}")
+    for section, key in NON_NEGATIVE:
+        value = getattr(getattr(cfg, section), key)
+        if value < 0:
+            raise ConfigError(f"{section}.{key} must be >= 0, got {value}")
+    for section, key in FRACTIONS:
+        value = getattr(getattr(cfg, section), key)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{section}.{key} must be between 0 and 1, got {value}")
+    if cfg.data.client_test_fraction >= 1.0:
+        raise ConfigError("data.client_test_fraction must be < 1: clients need training data")
+    if cfg.strategy.fraction_train == 0:
+        raise ConfigError("strategy.fraction_train must be > 0: no client would train")
+    if cfg.strategy.min_available_clients > cfg.data.num_clients:
+        raise ConfigError(
+            f"strategy.min_available_clients = {cfg.strategy.min_available_clients} exceeds "
+            f"data.num_clients = {cfg.data.num_clients}; lower it or add clients"
+        )
+    if cfg.strategy.min_train_clients > cfg.data.num_clients:
+        raise ConfigError(
+            f"strategy.min_train_clients = {cfg.strategy.min_train_clients} exceeds "
+            f"data.num_clients = {cfg.data.num_clients}; lower it or add clients"
+        )
+    if not cfg.run.name.strip():
+        raise ConfigError("run.name must not be empty")
+
+
+def from_dict(raw: dict[str, Any]) -> RunConfig:
+    """Validate a nested dict (parsed TOML) into a ``RunConfig``."""
+    cfg = RunConfig()
+    sections = _sections()
+    for section, values in raw.items():
+        if section not in sections:
+            raise _unknown("config section", f"[{section}]", [f"[{s}]" for s in sections])
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{section}] must be a table of keys, got {values!r}")
+        target = getattr(cfg, section)
+        hints = _hints(type(target))
+        for key, value in values.items():
+            if key not in hints:
+                raise _unknown(f"key in [{section}]", key, list(hints))
+            setattr(target, key, _coerce(section, key, value, hints[key]))
+    _check(cfg)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """Parse ``section.key=value``; the value is read as TOML, else taken as a string."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"--set expects section.key=value, got {text!r}")
+    path, raw = text.split("=", 1)
+    section, key = path.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return section, key, value
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a TOML run config (``None``: the defaults) and apply ``--set`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{p} is not valid TOML: {exc}") from None
+    for text in overrides:
+        section, key, value = parse_override(text)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"[{section}] must be a table of keys")
+        raw[section][key] = value
+    return from_dict(raw)
