@@ -37,6 +37,15 @@ def headline(record: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def short_headline(record: dict[str, Any]) -> str:
+    """The round's accuracy in a few characters, for the live bar."""
+    for section, tag in (("centralized", "acc"), ("federated", "fed acc")):
+        acc = record.get(section, {}).get("accuracy")
+        if acc is not None:
+            return f"{tag} {acc:.3f}"
+    return ""
+
+
 class ProgressDisplay(Callback):
     """Round i/n, clients done, elapsed and ETA, last accuracy.
 
@@ -63,7 +72,7 @@ class ProgressDisplay(Callback):
 
             self._progress = Progress(
                 TextColumn("[bold]round {task.fields[round]}/{task.fields[rounds]}"),
-                BarColumn(),
+                BarColumn(bar_width=16),
                 TextColumn("{task.fields[clients]}"),
                 TimeElapsedColumn(),
                 TextColumn("ETA {task.fields[eta]}"),
@@ -94,7 +103,7 @@ class ProgressDisplay(Callback):
 
     def on_task_done(self, round_number: int, outcome: Outcome, done: int, total: int) -> None:
         if self._progress is not None:
-            self._progress.update(self._task, clients=f"{outcome.kind} {done}/{total} clients")
+            self._progress.update(self._task, clients=f"{outcome.kind} {done}/{total}")
 
     def on_round_end(self, record: dict[str, Any], arrays: Arrays) -> None:
         rnd = record["round"]
@@ -102,7 +111,7 @@ class ProgressDisplay(Callback):
         self._last = headline(record)
         if self._progress is not None:
             self._progress.update(
-                self._task, advance=1, eta=self._eta(done), last=self._last, clients="done"
+                self._task, advance=1, eta=self._eta(done), last=short_headline(record), clients=""
             )
         elif not self.quiet:
             elapsed = _fmt_s(time.monotonic() - self._started)
