@@ -70,3 +70,32 @@ class MeanClientFn:
 
 def initial() -> Arrays:
     return [np.zeros((3, 4), dtype=np.float32), np.zeros((2,), dtype=np.int64)]
+
+
+class CacheClient:
+    """Reports how often its worker built the "model" and how many tasks the worker ran."""
+
+    def __init__(self, ctx: ClientContext) -> None:
+        worker = ctx.worker
+        if "model" not in worker:  # the expensive build a real client does once per worker
+            worker["model_builds"] = worker.get("model_builds", 0) + 1
+            worker["model"] = np.zeros(3)
+        worker["tasks"] = worker.get("tasks", 0) + 1
+        self.worker = worker
+
+    def train(self, arrays: Arrays, config: Config) -> TrainRes:
+        metrics = {
+            "worker_pid": os.getpid(),
+            "model_builds": self.worker["model_builds"],
+            "worker_tasks": self.worker["tasks"],
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS", ""),
+        }
+        return TrainRes(list(arrays), num_examples=1, metrics=metrics)
+
+    def evaluate(self, arrays: Arrays, config: Config) -> EvaluateRes:
+        return EvaluateRes(0.0, num_examples=1)
+
+
+def cache_client_fn(ctx: ClientContext) -> CacheClient:
+    """A module-level (picklable) ``client_fn`` building ``CacheClient``s."""
+    return CacheClient(ctx)

@@ -142,8 +142,8 @@ def simulate(
     executor = SimulationExecutor(
         engine, seed=seed, cost_fn=cost_fn, state_store=state_store, deterministic=deterministic
     )
-    engine.start(client_fn)
     try:
+        engine.start(client_fn)  # inside the try: a start that fails half-way is closed too
         return run(
             strategy,
             executor,

@@ -52,7 +52,8 @@ class WeightedMean:
         if weight < 0 or not np.isfinite(weight):
             raise ValueError(f"weight must be finite and >= 0, got {weight}")
         for acc, tmp, a in zip(self._sums, self._scratch, arrays):
-            np.multiply(a, weight, out=tmp, casting="unsafe")
+            # multiply in the accumulator's dtype: float16/uint8 updates must not overflow
+            np.multiply(a, weight, out=tmp, dtype=tmp.dtype, casting="unsafe")
             np.add(acc, tmp, out=acc)
         self.total_weight += weight
         self.count += 1

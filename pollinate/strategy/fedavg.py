@@ -109,7 +109,8 @@ class FedAvg(Strategy):
             )
         if fraction <= 0:
             return []
-        k = min(available, max(minimum, math.ceil(fraction * available)))
+        # round first: 0.07 * 100 is 7.000000000000001 in floating point, which must give 7
+        k = min(available, max(minimum, math.ceil(round(fraction * available, 6))))
         if k == available:
             return list(clients)
         rng = np.random.default_rng([self.seed, round_number, salt])
@@ -225,6 +226,13 @@ def _failure_of(outcome: Outcome, template: Arrays | None) -> Failure | None:
             f"returned {type(res).__name__}, expected {expected.__name__}",
             "rejected",
         )
+    if not isinstance(res.metrics, dict):
+        return Failure(
+            outcome.client_id,
+            outcome.kind,
+            f"metrics must be a dict, got {type(res.metrics).__name__}",
+            "rejected",
+        )
     n = res.num_examples
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
         return Failure(
@@ -234,11 +242,17 @@ def _failure_of(outcome: Outcome, template: Arrays | None) -> Failure | None:
             "rejected",
         )
     if isinstance(res, TrainRes) and template is not None:
-        reason = check_update(template, res.arrays)
+        reason = (
+            check_update(template, res.arrays)
+            if isinstance(res.arrays, (list, tuple))
+            else f"arrays must be a list of NumPy arrays, got {type(res.arrays).__name__}"
+        )
         if reason:
             return Failure(
                 outcome.client_id, outcome.kind, f"update rejected: {reason}", "rejected"
             )
-    if isinstance(res, EvaluateRes) and not math.isfinite(res.loss):
+    if isinstance(res, EvaluateRes) and (
+        not isinstance(res.loss, (int, float, np.number)) or not math.isfinite(res.loss)
+    ):
         return Failure(outcome.client_id, outcome.kind, f"non-finite loss {res.loss}", "rejected")
     return None

@@ -98,7 +98,7 @@ def _worker_main(conn: Connection, payload: bytes) -> None:
         if task_token != token:
             shm = SharedMemory(name=shm_name)
             try:
-                arrays = serde.loads(shm.buf[:size], copy=True)
+                arrays = serde.loads(shm.buf[:size], copy=True)  # type: ignore[index]
             finally:
                 shm.close()
             token = task_token
@@ -206,14 +206,14 @@ class ProcessBackend(Backend):
             raise BackendError("ProcessBackend.run called before start()")
         payload = serde.dumps(arrays)
         shm = SharedMemory(create=True, size=max(1, len(payload)))
-        shm.buf[: len(payload)] = payload
+        shm.buf[: len(payload)] = payload  # type: ignore[index]
         self._token += 1
         pending = longest_first(tasks)
         idle = list(self._pool)
         busy: dict[Connection, tuple[_Worker, Task]] = {}
         try:
             while pending or busy:
-                while idle and pending:
+                while idle and pending and time.monotonic() < deadline:
                     worker, task = idle.pop(), pending.pop(0)
                     worker.conn.send(("task", self._token, shm.name, len(payload), task))
                     busy[worker.conn] = (worker, task)
@@ -228,7 +228,7 @@ class ProcessBackend(Backend):
                     pending = []
                     break
                 for conn in wait(list(busy), timeout=remaining):
-                    worker, task = busy.pop(conn)  # type: ignore[index]
+                    worker, task = busy.pop(conn)  # type: ignore[call-overload]
                     outcome = self._receive(worker, task)
                     if outcome.error and outcome.error.startswith("worker"):
                         worker = self._replace(worker)
