@@ -17,15 +17,15 @@ $(VENV)/.run-ready: pyproject.toml
 $(VENV)/.test-ready: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install $(TORCH)
-	$(PIP) install -e ".[torch,data,ray,dev]"
+	$(PIP) install -e ".[torch,data,ray,deploy,dev]"
 	touch $@ $(VENV)/.run-ready
 
 run: $(VENV)/.run-ready
 	$(VENV)/bin/pollinate run $(ARGS)
 
 lint: $(VENV)/.test-ready
-	$(VENV)/bin/ruff check pollinate tests bench
-	$(VENV)/bin/ruff format --check pollinate tests bench
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy pollinate
 
 test: $(VENV)/.test-ready lint

@@ -10,7 +10,11 @@ Every error derives from one root, so ``except PollinateError`` catches them all
     ├── ClientFailure          a client task raised, died, or missed the round deadline
     ├── RoundFailedError       too few clients succeeded for the round to count
     ├── BackendError           a simulation backend could not start or lost its workers
-    └── MissingDependencyError an optional dependency (torch, ray …) is not installed
+    ├── MissingDependencyError an optional dependency (torch, ray …) is not installed
+    ├── StateError             the server's SQLite run state is missing, corrupt or for another run
+    │                          (pollinate.state)
+    └── AuthError              a client failed authentication: unknown, revoked, bad signature,
+                               replayed (pollinate.transport.grpc.auth)
 """
 
 from __future__ import annotations
