@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from pollinate.callbacks import ProgressDisplay, RunFolderWriter
@@ -9,7 +10,7 @@ from pollinate.config import RunConfig
 from pollinate.data import FederatedDataset, load_dataset, make_partitioner
 from pollinate.server import History, RunResult
 from pollinate.simulation import simulate
-from pollinate.strategy.fedavg import FedAvg
+from pollinate.strategy.fedavg import EvaluateFn, FedAvg
 
 PARTITION_PARAMS = {
     "iid": (),
@@ -60,18 +61,19 @@ class _ExampleCost:
         return float(self.data.num_test_examples(client_id))
 
 
-def run_experiment(cfg: RunConfig, quiet: bool = False) -> RunResult:
-    """Run the experiment ``cfg`` describes; the run folder is ``cfg.output_dir``."""
-    from pollinate.frameworks.torch import classification_app, initial_arrays, torch_evaluator
-    from pollinate.models import model_fn as make_model_fn
+def build_model_fn(cfg: RunConfig, data: FederatedDataset) -> Callable[[], Any]:
+    """A picklable zero-argument function building the config's model for ``data``."""
+    from pollinate.models import model_fn
 
-    data = build_data(cfg)
-    x_test, y_test = data.server_test()
-    model_fn = make_model_fn(
+    return model_fn(
         cfg.model.name, tuple(data.x_train.shape[1:]), data.num_classes, cfg.model.hidden
     )
+
+
+def build_strategy(cfg: RunConfig, evaluate_fn: EvaluateFn | None) -> FedAvg:
+    """The config's strategy, evaluating centrally with ``evaluate_fn``."""
     s = cfg.strategy
-    strategy = FedAvg(
+    return FedAvg(
         fraction_train=s.fraction_train,
         min_train_clients=s.min_train_clients,
         min_available_clients=s.min_available_clients,
@@ -80,9 +82,18 @@ def run_experiment(cfg: RunConfig, quiet: bool = False) -> RunResult:
         round_timeout_s=s.round_timeout_s,
         train_config=train_config(cfg),
         evaluate_config={"batch_size": max(256, cfg.train.batch_size)},
-        evaluate_fn=torch_evaluator(model_fn, x_test, y_test),
+        evaluate_fn=evaluate_fn,
         seed=cfg.run.seed,
     )
+
+
+def run_experiment(cfg: RunConfig, quiet: bool = False) -> RunResult:
+    """Run the experiment ``cfg`` describes; the run folder is ``cfg.output_dir``."""
+    from pollinate.frameworks.torch import classification_app, initial_arrays, torch_evaluator
+
+    data = build_data(cfg)
+    model_fn = build_model_fn(cfg, data)
+    strategy = build_strategy(cfg, torch_evaluator(model_fn, *data.server_test()))
     history = History(config=cfg.to_dict())
     callbacks = [
         ProgressDisplay(quiet=quiet),

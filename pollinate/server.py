@@ -16,9 +16,9 @@ A round, in order (DESIGN.md):
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, Union
 
 from pollinate.strategy.base import EvaluateSummary, Failure, Strategy, TrainSummary
 from pollinate.types import (
@@ -91,10 +91,13 @@ class RunResult:
     arrays: Arrays
 
 
+Clients = Union[Sequence[ClientId], Callable[[], Sequence[ClientId]]]
+
+
 def run(
     strategy: Strategy,
     executor: Executor,
-    clients: Sequence[ClientId],
+    clients: Clients,
     arrays: Arrays,
     rounds: int,
     *,
@@ -102,7 +105,11 @@ def run(
     history: History | None = None,
     start_round: int = 1,
 ) -> RunResult:
-    """Run rounds ``start_round..rounds`` from ``arrays``; return the history and final model."""
+    """Run rounds ``start_round..rounds`` from ``arrays``; return the history and final model.
+
+    ``clients`` is the population to sample from, or a function returning the clients
+    available now (a deployment's connected clients), called once per round.
+    """
     history = history if history is not None else History()
     started = time.monotonic()
     for cb in callbacks:
@@ -130,7 +137,7 @@ def run_round(
     arrays: Arrays,
     strategy: Strategy,
     executor: Executor,
-    clients: Sequence[ClientId],
+    clients: Clients,
     callbacks: Sequence[Callback] = (),
     started: float | None = None,
 ) -> tuple[Arrays, dict[str, Any]]:
@@ -138,6 +145,8 @@ def run_round(
     started = time.monotonic() if started is None else started
     for cb in callbacks:
         cb.on_round_start(round_number)
+    if callable(clients):
+        clients = clients()
 
     # 1. sample clients and configure their training
     train_plan = strategy.configure_train(round_number, arrays, clients)
