@@ -40,6 +40,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="write report.html for a run folder")
     report.add_argument("run_dir", help="a run folder (holds history.json)")
+
+    certs = sub.add_parser("certs", help="make a development CA and a TLS server certificate")
+    certs.add_argument("out_dir", help="folder for ca.crt, ca.key, server.crt, server.key")
+    certs.add_argument(
+        "--host",
+        dest="hosts",
+        action="append",
+        default=None,
+        help="a name or IP clients dial the server at (repeatable; default 127.0.0.1, localhost)",
+    )
+    certs.add_argument("--force", action="store_true", help="overwrite existing files")
+
+    keys = sub.add_parser("keys", help="make client key pairs and add them to an allow-list")
+    keys.add_argument("out_dir", help="folder for client-<id>.key / client-<id>.pub")
+    keys.add_argument("client_ids", nargs="+", type=int, metavar="CLIENT_ID")
+    keys.add_argument(
+        "--allow-list",
+        default=None,
+        help="the server's allow-list file to append to (default OUT_DIR/allow-list.txt)",
+    )
+    keys.add_argument("--force", action="store_true", help="overwrite existing key files")
     return parser
 
 
@@ -103,7 +124,41 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": _cmd_run, "partition": _cmd_partition, "report": _cmd_report}
+def _cmd_certs(args: argparse.Namespace) -> int:
+    from pollinate.security import DEFAULT_HOSTS, make_ca, make_server_cert
+
+    out = Path(args.out_dir)
+    ca_cert, ca_key = out / "ca.crt", out / "ca.key"
+    if args.force or not (ca_cert.exists() and ca_key.exists()):
+        ca_cert, ca_key = make_ca(out, overwrite=args.force)
+        print(f"CA:     {ca_cert} (give to clients), {ca_key} (keep private, off the server)")
+    else:
+        print(f"CA:     reusing {ca_cert}")
+    hosts = args.hosts or list(DEFAULT_HOSTS)
+    cert, key = make_server_cert(out, ca_cert, ca_key, hosts, overwrite=args.force)
+    print(f"server: {cert}, {key} (for {', '.join(hosts)})")
+    return 0
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from pollinate.security import make_client_key
+
+    out = Path(args.out_dir)
+    allow_list = Path(args.allow_list) if args.allow_list else out / "allow-list.txt"
+    for client_id in args.client_ids:
+        key, _ = make_client_key(out, client_id, allow_list, overwrite=args.force)
+        print(f"client {client_id}: {key} (copy to that client only)")
+    print(f"allow-list: {allow_list} (pass to pollinate server --allow-list)")
+    return 0
+
+
+COMMANDS = {
+    "run": _cmd_run,
+    "partition": _cmd_partition,
+    "report": _cmd_report,
+    "certs": _cmd_certs,
+    "keys": _cmd_keys,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
