@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 # torch is pinned: this version has a CPU build; an unpinned torch pulls a multi-GB CUDA build
 TORCH  := torch==2.13.0
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench proto clean
 
 $(VENV)/.run-ready: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ test: $(VENV)/.test-ready lint
 
 bench: $(VENV)/.test-ready
 	$(PY) bench/run_all.py
+
+# regenerate the gRPC modules after editing pollinate.proto (a test checks they match)
+proto: $(VENV)/.test-ready
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. \
+		pollinate/transport/grpc/pollinate.proto
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,7 +62,56 @@ def build_parser() -> argparse.ArgumentParser:
         help="the server's allow-list file to append to (default OUT_DIR/allow-list.txt)",
     )
     keys.add_argument("--force", action="store_true", help="overwrite existing key files")
+
+    server = sub.add_parser("server", help="run a config's rounds over connected clients (gRPC)")
+    _config_args(server)
+    server.add_argument("--address", default="127.0.0.1:8080", help="HOST:PORT to listen on")
+    _security_args(server, "server.crt, server.key and allow-list.txt")
+    server.add_argument("--cert", help="TLS certificate (default CERTS/server.crt)")
+    server.add_argument("--key", help="TLS private key (default CERTS/server.key)")
+    server.add_argument(
+        "--allow-list", help="client ids and public keys let in (default CERTS/allow-list.txt)"
+    )
+    server.add_argument(
+        "--fresh", action="store_true", help="start over: move the saved run state aside"
+    )
+    server.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+    client = sub.add_parser("client", help="serve a server's tasks with local data (gRPC)")
+    client.add_argument("--server", required=True, help="the server's HOST:PORT")
+    client.add_argument("--config", help="run config whose data partition this client holds")
+    client.add_argument("--partition", type=int, help="which partition of --config's data")
+    client.add_argument("--app", help="package.module:function: your own client_fn")
+    client.add_argument("--client-id", type=int, help="this client's id (with --app)")
+    client.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE"
+    )
+    _security_args(client, "ca.crt and client-<id>.key")
+    client.add_argument("--ca", help="CA certificate of the server (default CERTS/ca.crt)")
+    client.add_argument("--key", help="this client's signing key (default CERTS/client-<id>.key)")
+    client.add_argument(
+        "--max-retries", type=int, default=None, help="give up after N failed connections"
+    )
+    client.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for training (default: the framework's; use 1 when many clients "
+        "share one machine)",
+    )
+
+    status = sub.add_parser("status", help="show a running server's clients and progress")
+    status.add_argument("address", help="the server's HOST:PORT")
+    _security_args(status, "ca.crt")
+    status.add_argument("--ca", help="CA certificate of the server (default CERTS/ca.crt)")
     return parser
+
+
+def _security_args(parser: argparse.ArgumentParser, holds: str) -> None:
+    parser.add_argument("--certs", help=f"folder made by pollinate certs/keys ({holds})")
+    parser.add_argument(
+        "--insecure", action="store_true", help="no TLS: for local testing only (warns)"
+    )
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -152,18 +202,102 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _path(explicit: str | None, certs: str | None, name: str) -> Path | None:
+    if explicit:
+        return Path(explicit)
+    if certs:
+        return Path(certs) / name
+    return None
+
+
+def _cmd_server(args: argparse.Namespace) -> int:
+    from pollinate import config
+    from pollinate.deploy import Security, serve
+
+    cfg = config.load(args.config, args.overrides)
+    allow_list = _path(args.allow_list, args.certs, "allow-list.txt")
+    if allow_list is not None and not allow_list.is_file():
+        if args.allow_list:
+            raise ConfigError(
+                f"allow-list {allow_list} does not exist (make it with pollinate keys)"
+            )
+        allow_list = None
+    if allow_list is None:
+        log.warning("no allow-list: any client may join (make one with pollinate keys)")
+    if args.insecure:
+        log.warning("running WITHOUT TLS (--insecure): traffic is readable and forgeable")
+    security = Security(
+        cert=_path(args.cert, args.certs, "server.crt"),
+        key=_path(args.key, args.certs, "server.key"),
+        allow_list=allow_list,
+        insecure=args.insecure,
+    )
+    result = serve(cfg, args.address, security, fresh=args.fresh, quiet=args.quiet)
+    if not args.quiet:
+        print(f"finished {len(result.history.rounds)} rounds; run folder: {cfg.output_dir}")
+    return 0
+
+
+def _cmd_client(args: argparse.Namespace) -> int:
+    from pollinate import config
+    from pollinate.deploy import Security, config_client_fn, connect, load_app
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ[var] = str(args.threads)  # read by torch/numpy when they load
+    if args.app:
+        if args.client_id is None:
+            raise ConfigError("--app needs --client-id N")
+        client_fn, client_id = load_app(args.app), args.client_id
+    elif args.config is not None and args.partition is not None:
+        cfg = config.load(args.config, args.overrides)
+        client_id = args.partition if args.client_id is None else args.client_id
+        client_fn = config_client_fn(cfg, args.partition)
+    else:
+        raise ConfigError("give --config CONFIG --partition I, or --app package.module:function")
+    security = Security(
+        key=_path(args.key, args.certs, f"client-{client_id}.key"),
+        ca=_path(args.ca, args.certs, "ca.crt"),
+        insecure=args.insecure,
+    )
+    connect(args.server, client_fn, client_id, security, max_retries=args.max_retries)
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from pollinate.deploy import Security, fetch_status
+
+    security = Security(ca=_path(args.ca, args.certs, "ca.crt"), insecure=args.insecure)
+    status = fetch_status(args.address, security)
+    connected = status.pop("connected", [])
+    status.pop("clients", None)
+    status.pop("checked_at", None)
+    for key, value in status.items():
+        print(f"{key}: {value}")
+    print(f"clients connected: {len(connected)}")
+    if connected:
+        print("  " + " ".join(str(c) for c in connected))
+    return 0
+
+
 COMMANDS = {
     "run": _cmd_run,
     "partition": _cmd_partition,
     "report": _cmd_report,
     "certs": _cmd_certs,
     "keys": _cmd_keys,
+    "server": _cmd_server,
+    "client": _cmd_client,
+    "status": _cmd_status,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pollinate`` command."""
     args = build_parser().parse_args(argv)
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC's C core logs handshakes otherwise
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(
         level=logging.ERROR if quiet else logging.WARNING,

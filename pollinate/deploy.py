@@ -1,0 +1,234 @@
+"""Deployment: ``pollinate server`` and ``pollinate client`` over gRPC.
+
+The server runs the same round loop, strategy and run folder as ``pollinate run``; only the
+executor differs (connected clients instead of simulated ones). Its state lives in
+``<run.output>/server.sqlite``: restarted with the same command after a crash, it resumes
+after the last completed round with the saved global model.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pollinate.callbacks import ProgressDisplay, RunFolderWriter
+from pollinate.client import ClientFn
+from pollinate.config import RunConfig
+from pollinate.errors import ConfigError
+from pollinate.server import Callback, History, RunResult, run
+from pollinate.types import Arrays, ClientId
+
+log = logging.getLogger("pollinate")
+
+
+@dataclass(frozen=True)
+class Security:
+    """Where a process finds its TLS and identity files (None: not used)."""
+
+    cert: Path | None = None  # server: its certificate
+    key: Path | None = None  # server: TLS key; client: its Ed25519 signing key
+    ca: Path | None = None  # client: the CA that signed the server's certificate
+    allow_list: Path | None = None  # server: client ids and public keys allowed in
+    insecure: bool = False  # no TLS (explicit, warns)
+
+    def read(self, path: Path | None, what: str) -> bytes | None:
+        if path is None:
+            return None
+        if not path.is_file():
+            raise ConfigError(f"{what} file {path} does not exist (make one with pollinate certs)")
+        return path.read_bytes()
+
+
+class StateRecorder(Callback):
+    """Commits each finished round, with its global model, to the server's SQLite state."""
+
+    def __init__(self, state: Any) -> None:
+        self.state = state
+
+    def on_round_end(self, record: dict[str, Any], arrays: Arrays) -> None:
+        self.state.record_round(record["round"], record, arrays)
+
+
+class ConnectedClients:
+    """The population a deployed round samples from: the clients connected now.
+
+    Blocks until ``minimum`` clients are connected, saying so every few seconds.
+    """
+
+    def __init__(self, fleet: Any, minimum: int, quiet: bool = False) -> None:
+        self.fleet = fleet
+        self.minimum = max(1, minimum)
+        self.quiet = quiet
+
+    def __call__(self) -> list[ClientId]:
+        while not self.fleet.wait_for(self.minimum, timeout=5.0):
+            if not self.quiet:
+                log.warning(
+                    "waiting for clients: %d/%d connected",
+                    len(self.fleet.connected()),
+                    self.minimum,
+                )
+        return sorted(self.fleet.connected())
+
+
+def serve(
+    cfg: RunConfig,
+    address: str,
+    security: Security,
+    *,
+    fresh: bool = False,
+    quiet: bool = False,
+    heartbeat_s: float = 2.0,
+    ready: threading.Event | None = None,
+) -> RunResult:
+    """Run ``cfg``'s rounds over the clients that connect to ``address``."""
+    from pollinate.experiment import build_data, build_model_fn, build_strategy
+    from pollinate.frameworks.torch import initial_arrays, torch_evaluator
+    from pollinate.state import ServerState
+    from pollinate.transport.grpc.auth import AllowList, Verifier
+    from pollinate.transport.grpc.server import FleetServer, GrpcExecutor
+
+    tls = None
+    if not security.insecure:
+        if security.cert is None or security.key is None:
+            raise ConfigError(
+                "the server needs a TLS certificate and key (--cert/--key or --certs DIR, made "
+                "by pollinate certs), or --insecure to run without TLS"
+            )
+        cert = security.read(security.cert, "certificate")
+        key = security.read(security.key, "TLS key")
+        assert cert is not None and key is not None
+        tls = (cert, key)
+    state = ServerState.open(cfg.output_dir / "server.sqlite", cfg.to_dict(), fresh=fresh)
+    try:
+        last, saved, records = state.load_latest()
+        data = build_data(cfg)  # the server uses only the data set's own test split
+        model_fn = build_model_fn(cfg, data)
+        strategy = build_strategy(cfg, torch_evaluator(model_fn, *data.server_test()))
+        arrays = saved if saved is not None else initial_arrays(model_fn, cfg.run.seed)
+        history = History(config=cfg.to_dict(), rounds=list(records))
+        if last >= cfg.run.rounds:
+            log.warning("run %s already finished all %d rounds", state.run_id, last)
+            RunFolderWriter(cfg.output_dir, history).on_run_end(history, None)
+            return RunResult(history, arrays)
+        verifier = None
+        if security.allow_list is not None:
+            verifier = Verifier(AllowList.load(security.allow_list), seen_nonce=state.seen_nonce)
+        fleet = FleetServer(
+            address,
+            tls=tls,
+            verifier=verifier,
+            run_id=state.run_id,
+            heartbeat_s=heartbeat_s,
+            on_register=lambda cid, key: state.upsert_client(cid, key, replace_key=True),
+        )
+        fleet.start()
+        try:
+            print(
+                f"pollinate server {state.run_id[:8]} listening on {fleet.address}"
+                + (f", resuming after round {last}" if last else "")
+                + f"; waiting for {cfg.strategy.min_available_clients} clients",
+                flush=True,
+            )
+            if ready is not None:
+                ready.set()
+            callbacks = [
+                StateRecorder(state),
+                ProgressDisplay(quiet=quiet),
+                RunFolderWriter(cfg.output_dir, history, label_counts=data.label_counts()),
+            ]
+            result = run(
+                strategy,
+                GrpcExecutor(fleet, seed=cfg.run.seed, deterministic=cfg.run.deterministic),
+                ConnectedClients(fleet, cfg.strategy.min_available_clients, quiet),
+                arrays,
+                cfg.run.rounds,
+                callbacks=callbacks,
+                history=history,
+                start_round=last + 1,
+            )
+            state.set_status("finished")
+            fleet.stop(finished=f"the run finished all {cfg.run.rounds} rounds")
+            return result
+        finally:
+            fleet.stop()
+    finally:
+        state.close()
+
+
+def load_app(spec: str) -> ClientFn:
+    """Import ``package.module:function``: a ``client_fn(context) -> Client``."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"--app expects package.module:function, got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import {module_name!r} for --app: {exc}") from exc
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ConfigError(f"{module_name} has no callable {attr!r} for --app")
+    return fn  # type: ignore[no-any-return]
+
+
+def config_client_fn(cfg: RunConfig, partition: int) -> ClientFn:
+    """The built-in classification client for partition ``partition`` of ``cfg``'s data."""
+    from pollinate.experiment import build_data, build_model_fn
+    from pollinate.frameworks.torch import classification_app
+
+    data = build_data(cfg)
+    if not 0 <= partition < data.num_clients:
+        raise ConfigError(
+            f"--partition {partition} is out of range: the config splits its data into "
+            f"{data.num_clients} partitions (0..{data.num_clients - 1})"
+        )
+    return classification_app(build_model_fn(cfg, data), data)
+
+
+def connect(
+    address: str,
+    client_fn: ClientFn,
+    client_id: int,
+    security: Security,
+    *,
+    stop: threading.Event | None = None,
+    max_retries: int | None = None,
+) -> None:
+    """Serve tasks from the server at ``address`` until stopped (reconnecting as needed)."""
+    from pollinate.transport.grpc.auth import load_private_key
+    from pollinate.transport.grpc.client import run_client
+
+    ca = None
+    if not security.insecure:
+        if security.ca is None:
+            raise ConfigError(
+                "the client needs the CA certificate that signed the server's certificate "
+                "(--ca or --certs DIR), or --insecure to connect without TLS"
+            )
+        ca = security.read(security.ca, "CA certificate")
+    key = load_private_key(security.key) if security.key is not None else None
+    run_client(
+        address,
+        client_fn,
+        client_id,
+        private_key=key,
+        ca_cert_pem=ca,
+        stop_event=stop,
+        max_retries=max_retries,
+    )
+
+
+def fetch_status(address: str, security: Security, timeout_s: float = 10.0) -> dict[str, Any]:
+    """Ask a running server for its status (connected clients, round, tasks in flight)."""
+    from pollinate.transport.grpc.client import fetch_status as fetch
+
+    ca = None
+    if not security.insecure:
+        ca = security.read(security.ca, "CA certificate")
+        if ca is None:
+            raise ConfigError("pass --ca (or --certs DIR) to check the server, or --insecure")
+    return fetch(address, ca_cert_pem=ca, timeout_s=timeout_s)

@@ -1,0 +1,346 @@
+"""One client's stream on the server: what it was given, what it is sending, how it ends.
+
+A :class:`Connection` has two threads: gRPC's, which drains the outbox into the stream
+(:meth:`Connection.outgoing`), and a reader, which handles what the client sends
+(:meth:`Connection.read`). Every task given to the client is a :class:`Pending` that ends
+exactly once: with the client's result, with a failure when the stream breaks or is closed,
+or expired by the executor at the deadline. Used by ``server.FleetServer``; not public API.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pollinate.transport.grpc import pollinate_pb2 as pb
+from pollinate.transport.grpc.auth import AuthError
+from pollinate.transport.grpc.codec import (
+    Assembler,
+    Payload,
+    ProtocolError,
+    decode,
+    loads_scalars,
+    result_digest,
+)
+from pollinate.types import ClientId, EvaluateRes, Metrics, Outcome, TaskKind, TrainRes
+
+if TYPE_CHECKING:
+    import grpc
+
+    from pollinate.transport.grpc.server import FleetServer
+
+log = logging.getLogger("pollinate")
+
+CLOSE = object()  # wakes a connection's sender to end the stream
+EXPIRED_KEPT = 1024  # task ids of timed-out tasks remembered per connection
+CLOSE_GRACE_S = 5.0  # a closed stream that has not ended after this is cancelled
+
+
+class Pending:
+    """One task given to one client, until its outcome is known (exactly once)."""
+
+    def __init__(
+        self,
+        task_id: str,
+        client_id: ClientId,
+        kind: TaskKind,
+        sink: queue.Queue[Any],
+        conn: Connection,
+    ) -> None:
+        self.task_id = task_id
+        self.conn = conn
+        self.client_id = client_id
+        self.kind = kind
+        self.sink = sink
+        self.sent_at = time.monotonic()
+        self.done = False
+        self._lock = threading.Lock()
+
+    def finish(self, outcome: Outcome) -> bool:
+        """Deliver ``outcome`` unless the task already ended; return whether it was delivered."""
+        with self._lock:
+            if self.done:
+                return False
+            self.done = True
+            self.sink.put((self.task_id, outcome))
+            return True
+
+    def expire(self) -> bool:
+        """End the task without an outcome (the executor reports it); False if already ended."""
+        with self._lock:
+            if self.done:
+                return False
+            self.done = True
+            return True
+
+    def failed(self, reason: str) -> Outcome:
+        return Outcome(
+            self.client_id, self.kind, error=reason, seconds=time.monotonic() - self.sent_at
+        )
+
+
+@dataclass
+class Send:
+    """A task header and its payload, queued for one connection."""
+
+    pending: Pending
+    header: pb.ServerMessage
+    payload: Payload
+
+
+@dataclass
+class Incoming:
+    """A result whose Arrays are arriving in chunks (``pending`` None: discard it)."""
+
+    pending: Pending | None
+    header: pb.Result
+    metrics: Metrics
+    assembler: Assembler
+
+
+class Connection:
+    """One client's stream: its outbox, the tasks it holds, the results it is sending."""
+
+    def __init__(self, fleet: FleetServer, context: grpc.ServicerContext) -> None:
+        self.fleet = fleet
+        self.context = context
+        self.peer = context.peer()
+        self.client_id: ClientId | None = None
+        self.outbox: queue.Queue[Any] = queue.Queue()
+        self.lock = threading.Lock()
+        self.tasks: dict[str, Pending] = {}
+        self.receiving: dict[str, Incoming] = {}
+        self.expired: OrderedDict[str, None] = OrderedDict()
+        self.opened = self.last_seen = time.monotonic()
+        self.closed = False
+        self.closed_at = 0.0
+        self.finished = False  # the stream has ended (or was cancelled)
+        self.final: pb.ServerMessage | None = None
+
+    @property
+    def name(self) -> str:
+        who = "unregistered peer" if self.client_id is None else f"client {self.client_id}"
+        return f"{who} ({self.peer})"
+
+    # --- sending ----------------------------------------------------------------------
+
+    def outgoing(self) -> Iterator[pb.ServerMessage]:
+        """The server's half of the stream: the outbox, with heartbeats when it is idle."""
+        try:
+            while not self.closed:
+                try:
+                    item = self.outbox.get(timeout=self.fleet.heartbeat_s)
+                except queue.Empty:
+                    yield pb.ServerMessage(heartbeat=pb.Heartbeat(sent_at=time.time()))
+                    continue
+                if item is CLOSE:
+                    break
+                if isinstance(item, Send):
+                    yield from self._task_messages(item)
+                else:
+                    yield item
+            if self.final is not None:
+                yield self.final
+        finally:
+            self.finished = True
+            self.close("the stream ended")
+            self.fleet._forget(self, finished=True)
+
+    def _task_messages(self, item: Send) -> Iterator[pb.ServerMessage]:
+        pending = item.pending
+        if pending.done:
+            return
+        yield item.header
+        for offset, data, last in item.payload.pieces():
+            if pending.done or self.closed:
+                return  # cancelled half-way: a Cancel message follows
+            msg = pb.ServerMessage()
+            chunk = msg.chunk
+            chunk.task_id, chunk.offset, chunk.data, chunk.last = (
+                pending.task_id,
+                offset,
+                data,
+                last,
+            )
+            yield msg
+
+    def send(self, msg: pb.ServerMessage) -> None:
+        if not self.closed:
+            self.outbox.put(msg)
+
+    def give(self, pending: Pending, header: pb.ServerMessage, payload: Payload) -> bool:
+        """Queue a task for this client; False if the connection is already closed."""
+        with self.lock:
+            if self.closed:
+                return False
+            self.tasks[pending.task_id] = pending
+        self.outbox.put(Send(pending, header, payload))
+        return True
+
+    def cancel(self, task_id: str, reason: str) -> None:
+        """Forget a task the executor gave up on; tell the client to drop it."""
+        with self.lock:
+            if self.tasks.pop(task_id, None) is None:
+                return
+            self.expired[task_id] = None
+            while len(self.expired) > EXPIRED_KEPT:
+                self.expired.popitem(last=False)
+            incoming = self.receiving.get(task_id)
+            if incoming is not None:
+                incoming.pending = None
+                incoming.assembler.discard()
+        self.send(pb.ServerMessage(cancel=pb.Cancel(task_id=task_id, reason=reason)))
+
+    # --- closing ----------------------------------------------------------------------
+
+    def close(self, reason: str, *, reject: bool = False, finished: bool = False) -> None:
+        """End the stream (with a Reject, or a Finished when the run is over, saying ``reason``);
+        fail its tasks."""
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            self.closed_at = time.monotonic()
+            if reject:
+                self.final = pb.ServerMessage(reject=pb.Reject(reason=reason))
+            elif finished:
+                self.final = pb.ServerMessage(finished=pb.Finished(reason=reason))
+            pending = list(self.tasks.values())
+            self.tasks.clear()
+            self.receiving.clear()
+        if reject:
+            log.warning("%s rejected: %s", self.name, reason)
+        elif self.client_id is not None and not self.fleet._stopping:
+            log.info("%s disconnected: %s", self.name, reason)
+        for p in pending:
+            p.finish(p.failed(f"client {p.client_id} lost its connection: {reason}"))
+        self.fleet._forget(self)
+        self.outbox.put(CLOSE)
+
+    # --- receiving --------------------------------------------------------------------
+
+    def read(self, requests: Iterator[pb.ClientMessage | Malformed]) -> None:
+        """The reader thread: handle each message the client sends until the stream ends."""
+        try:
+            for msg in requests:
+                self.last_seen = time.monotonic()
+                if self.closed:
+                    return
+                try:
+                    self._handle(msg)
+                except (ProtocolError, AuthError) as e:
+                    self.close(str(e), reject=True)
+                    return
+                except Exception:  # a server fault costs one stream (no Reject: it may retry)
+                    log.exception("error handling a message from %s", self.name)
+                    self.close("internal server error while handling its message")
+                    return
+        except Exception as e:  # the stream broke (client killed, network gone, cancelled)
+            self.close(f"stream broken ({type(e).__name__})")
+            return
+        self.close("the client closed its stream")
+
+    def _handle(self, msg: pb.ClientMessage | Malformed) -> None:
+        if isinstance(msg, Malformed):
+            raise ProtocolError(f"a frame that is not a valid ClientMessage ({msg.error})")
+        which = msg.WhichOneof("body")
+        if self.client_id is None:
+            if which != "register":
+                raise ProtocolError(f"the first message must be Register, got {which or 'none'}")
+            self.fleet._register(self, msg.register)
+        elif which == "heartbeat":
+            return
+        elif which == "result":
+            with self.lock:
+                self._on_result(msg.result)
+        elif which == "chunk":
+            with self.lock:
+                self._on_chunk(msg.chunk)
+        elif which == "register":
+            raise ProtocolError("Register sent twice on one stream")
+        else:
+            raise ProtocolError("an empty message (no body)")
+
+    def _on_result(self, res: pb.Result) -> None:
+        assert self.client_id is not None
+        tid = res.task_id
+        if tid in self.receiving:
+            raise ProtocolError(f"a second Result for task {tid!r}")
+        pending = self.tasks.get(tid)
+        if pending is None and tid not in self.expired:
+            raise ProtocolError(
+                f"a Result for task {tid!r}, which this client was not given or already answered"
+            )
+        self.fleet._verify("result", self.client_id, result_digest(res), res)
+        metrics = loads_scalars(res.metrics_json, "metrics")
+        if res.num_examples < 0:
+            raise ProtocolError(f"num_examples must be >= 0, got {res.num_examples}")
+        kind = pending.kind if pending is not None else None
+        if not res.ok or kind == "evaluate":
+            if res.payload_size:
+                raise ProtocolError(f"task {tid!r}: a failed or evaluate result carries no Arrays")
+        elif kind == "train" and not res.payload_size:
+            raise ProtocolError(f"task {tid!r}: a train result must carry Arrays")
+        if res.payload_size:
+            assembler = Assembler(
+                f"result of task {tid!r}",
+                res.payload_size,
+                res.payload_sha256,
+                max_bytes=self.fleet.max_payload_bytes,
+                keep=pending is not None,
+            )
+            self.receiving[tid] = Incoming(pending, res, metrics, assembler)
+            return
+        if pending is None:
+            return  # a late answer to a task that timed out
+        self.tasks.pop(tid, None)
+        if not res.ok:
+            reason = res.error.strip()[:2000] or "the client reported a failure without a reason"
+            pending.finish(pending.failed(reason))
+        else:
+            result = EvaluateRes(res.loss, res.num_examples, metrics)
+            pending.finish(self._outcome(pending, result))
+
+    def _on_chunk(self, chunk: pb.Chunk) -> None:
+        incoming = self.receiving.get(chunk.task_id)
+        if incoming is None:
+            raise ProtocolError(
+                f"a Chunk for task {chunk.task_id!r}, which has no Result header before it"
+            )
+        if not incoming.assembler.add(chunk.offset, chunk.data, chunk.last):
+            return
+        del self.receiving[chunk.task_id]
+        pending = incoming.pending
+        if pending is None:
+            return
+        arrays = decode(incoming.assembler.result(), self.fleet.max_payload_bytes)
+        self.tasks.pop(pending.task_id, None)
+        res = incoming.header
+        pending.finish(self._outcome(pending, TrainRes(arrays, res.num_examples, incoming.metrics)))
+
+    @staticmethod
+    def _outcome(pending: Pending, result: TrainRes | EvaluateRes) -> Outcome:
+        seconds = time.monotonic() - pending.sent_at
+        return Outcome(pending.client_id, pending.kind, result=result, seconds=seconds)
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """A frame that does not parse as a ClientMessage (refused by the reader with a Reject)."""
+
+    error: str
+
+
+def parse_client_message(data: bytes) -> pb.ClientMessage | Malformed:
+    # parsing never raises into gRPC: its own "Exception deserializing request!" abort gives
+    # the client no reason and can leave the server unable to shut down (grpcio 1.85)
+    try:
+        return pb.ClientMessage.FromString(data)
+    except Exception as e:
+        return Malformed(f"{type(e).__name__}: {e}")

@@ -1,0 +1,488 @@
+"""The server side of the gRPC transport: the fleet of connected clients and its executor.
+
+:class:`FleetServer` accepts client streams (``Fleet.Join``), authenticates each client's
+``Register``, keeps a registry ``client_id -> connection`` and watches heartbeats.
+:class:`GrpcExecutor` is the deployment counterpart of the simulation executor: the round
+loop hands it a plan and it streams each planned client its task, yielding outcomes as they
+arrive. A client that is not connected fails at once; one whose stream breaks or that stops
+sending (3 × ``heartbeat_s``) fails right away, not at the deadline; the rest time out at the
+deadline. A malformed or out-of-protocol message gets a ``Reject`` that says why and its
+stream is closed (see ``connection.py``); the server and its other clients carry on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
+from typing import Any
+
+from pollinate.client import task_seed
+from pollinate.errors import ConfigError, PollinateError, missing_dependency
+
+try:
+    import grpc
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise missing_dependency("grpcio", "deploy") from e
+
+from pollinate.transport.grpc import pollinate_pb2 as pb
+from pollinate.transport.grpc import pollinate_pb2_grpc as pb_grpc
+from pollinate.transport.grpc.auth import AuthError, Verifier
+from pollinate.transport.grpc.codec import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    PROTOCOL,
+    Payload,
+    ProtocolError,
+    check_sizes,
+    dumps_scalars,
+    encode,
+    from_signed,
+    register_digest,
+)
+from pollinate.transport.grpc.connection import (
+    CLOSE_GRACE_S,
+    Connection,
+    Malformed,
+    Pending,
+    parse_client_message,
+)
+from pollinate.types import (
+    ClientId,
+    Config,
+    EvaluateIns,
+    Outcome,
+    TaskKind,
+    TrainIns,
+)
+
+log = logging.getLogger("pollinate")
+
+OnRegister = Callable[[int, str], None]
+
+
+def _parse_status_request(data: bytes) -> pb.StatusRequest:
+    try:
+        return pb.StatusRequest.FromString(data)
+    except Exception:
+        return pb.StatusRequest()
+
+
+def _add_servicer(servicer: _Servicer, server: grpc.Server) -> None:
+    """``pb_grpc.add_FleetServicer_to_server`` with request parsers that never raise."""
+    handlers = {
+        "Join": grpc.stream_stream_rpc_method_handler(
+            servicer.Join,
+            request_deserializer=parse_client_message,
+            response_serializer=pb.ServerMessage.SerializeToString,
+        ),
+        "Status": grpc.unary_unary_rpc_method_handler(
+            servicer.Status,
+            request_deserializer=_parse_status_request,
+            response_serializer=pb.StatusReply.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("pollinate.v1.Fleet", handlers),)
+    )
+    server.add_registered_method_handlers("pollinate.v1.Fleet", handlers)
+
+
+class _Servicer(pb_grpc.FleetServicer):
+    def __init__(self, fleet: FleetServer) -> None:
+        self.fleet = fleet
+
+    def Join(  # noqa: N802 (the gRPC method name)
+        self,
+        request_iterator: Iterator[pb.ClientMessage | Malformed],
+        context: grpc.ServicerContext,
+    ) -> Iterator[pb.ServerMessage]:
+        return self.fleet._join(request_iterator, context)
+
+    def Status(  # noqa: N802
+        self, request: pb.StatusRequest, context: grpc.ServicerContext
+    ) -> pb.StatusReply:
+        return pb.StatusReply(json=json.dumps(self.fleet.status()))
+
+
+class FleetServer:
+    """A gRPC server that clients dial into; keeps the registry of connected clients.
+
+    ``tls`` is ``(cert_pem, key_pem)`` (None: plaintext, with a warning). ``verifier`` checks
+    the signature of every Register and Result (None, or one without an allow-list: anyone
+    may register, with a warning). ``on_register(client_id, public_key_b64)`` is called for
+    each authenticated registration before it takes effect: raising a ``PollinateError``
+    refuses the client with that message; any other exception closes the stream (the client
+    retries later). Bind ``"127.0.0.1:0"`` for an ephemeral port (see ``port``).
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        tls: tuple[bytes, bytes] | None = None,
+        verifier: Verifier | None = None,
+        run_id: str = "",
+        heartbeat_s: float = 2.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        max_connections: int = 1000,
+        on_register: OnRegister | None = None,
+    ) -> None:
+        check_sizes(chunk_bytes, max_message_bytes, max_payload_bytes)
+        if not heartbeat_s > 0:
+            raise ConfigError(f"heartbeat_s must be > 0, got {heartbeat_s}")
+        if max_connections < 1:
+            raise ConfigError(f"max_connections must be >= 1, got {max_connections}")
+        self.requested_address = address
+        self.tls = tls
+        self.verifier = verifier
+        self.run_id = run_id
+        self.heartbeat_s = float(heartbeat_s)
+        self.max_message_bytes = max_message_bytes
+        self.max_payload_bytes = max_payload_bytes
+        self.chunk_bytes = chunk_bytes
+        self.max_connections = max_connections
+        self.on_register = on_register
+        self.round = 0  # the round being run, for the status
+        self.progress: dict[str, Any] = {}  # extra fields for the status (set by the caller)
+        self.port = 0
+        self._clients: dict[ClientId, Connection] = {}
+        self._all: set[Connection] = set()
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._stop = threading.Event()
+        self._stopping = False
+        self._server: grpc.Server | None = None
+        self._watcher: threading.Thread | None = None
+        self._started = 0.0
+        self._ids = itertools.count(1)
+
+    @property
+    def authenticates(self) -> bool:
+        return self.verifier is not None and self.verifier.authenticates
+
+    @property
+    def address(self) -> str:
+        """``host:port`` the server listens on (the real port once started)."""
+        host = self.requested_address.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def start(self) -> FleetServer:
+        """Listen and serve in background threads; return self."""
+        if self._server is not None:
+            raise RuntimeError("the server is already started")
+        options = [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share
+        ]
+        server = grpc.server(
+            futures.ThreadPoolExecutor(
+                max_workers=self.max_connections + 16, thread_name_prefix="pollinate-grpc"
+            ),
+            options=options,
+            maximum_concurrent_rpcs=self.max_connections + 8,  # each stream holds a thread
+        )
+        _add_servicer(_Servicer(self), server)
+        try:
+            if self.tls is None:
+                log.warning(
+                    "serving on %s WITHOUT TLS (insecure): traffic can be read and altered; "
+                    "use a certificate (`pollinate certs`) outside a trusted network",
+                    self.requested_address,
+                )
+                self.port = server.add_insecure_port(self.requested_address)
+            else:
+                cert_pem, key_pem = self.tls
+                creds = grpc.ssl_server_credentials([(key_pem, cert_pem)])
+                self.port = server.add_secure_port(self.requested_address, creds)
+        except RuntimeError as e:
+            raise ConfigError(
+                f"cannot listen on {self.requested_address}: {e}; is the address right and "
+                "the port free?"
+            ) from None
+        if not self.authenticates:
+            log.warning(
+                "no client allow-list: any client may register with any client id; give the "
+                "server an allow-list of public keys (`pollinate keys`) to authenticate clients"
+            )
+        self._started = time.monotonic()
+        server.start()
+        self._server = server
+        self._watcher = threading.Thread(
+            target=self._watch, name="pollinate-heartbeats", daemon=True
+        )
+        self._watcher.start()
+        log.info("listening on %s (run %s)", self.address, self.run_id or "-")
+        return self
+
+    def stop(self, grace: float = 1.0, *, finished: str | None = None) -> None:
+        """Close every client stream and stop serving. Clients reconnect, unless ``finished``
+        says why the run is over: then they are told so and stop."""
+        if self._server is None:
+            return
+        with self._lock:
+            self._stopping = True
+            conns = list(self._all)
+        self._stop.set()
+        for conn in conns:
+            if finished is not None:
+                conn.close(finished, finished=True)
+            else:
+                conn.close("the server is shutting down")
+        if not self._server.stop(grace).wait(grace + 10.0):
+            log.warning("the gRPC server did not finish shutting down within %.0f s", grace + 10)
+        if self._watcher is not None:
+            self._watcher.join()
+        self._server = None
+
+    def __enter__(self) -> FleetServer:
+        return self.start() if self._server is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- the registry -----------------------------------------------------------------
+
+    def connected(self) -> list[ClientId]:
+        """The ids of the clients registered now, sorted."""
+        with self._lock:
+            return sorted(self._clients)
+
+    def wait_for(self, n: int, timeout: float | None = None) -> bool:
+        """Block until at least ``n`` clients are connected; False if ``timeout`` passed first."""
+        with self._changed:
+            return self._changed.wait_for(lambda: len(self._clients) >= n, timeout)
+
+    def status(self) -> dict[str, Any]:
+        """What ``Fleet.Status`` answers: run id, round, connected clients, tasks in flight."""
+        with self._lock:
+            clients = sorted(self._clients)
+            in_flight = sum(len(c.tasks) for c in self._clients.values())
+        return {
+            "run_id": self.run_id,
+            "round": self.round,
+            "connected": clients,
+            "clients": len(clients),
+            "tasks_in_flight": in_flight,
+            "uptime_s": round(time.monotonic() - self._started, 1) if self._started else 0.0,
+            **self.progress,
+        }
+
+    def _join(
+        self, requests: Iterator[pb.ClientMessage | Malformed], context: grpc.ServicerContext
+    ) -> Iterator[pb.ServerMessage]:
+        conn = Connection(self, context)
+        with self._lock:
+            if self._stopping:
+                return iter(())
+            self._all.add(conn)
+        context.add_callback(lambda: conn.close("the stream ended"))
+        threading.Thread(
+            target=conn.read, args=(requests,), name="pollinate-reader", daemon=True
+        ).start()
+        return conn.outgoing()
+
+    def _register(self, conn: Connection, reg: pb.Register) -> None:
+        if reg.protocol != PROTOCOL:
+            raise ProtocolError(
+                f"the client speaks protocol {reg.protocol}, this server {PROTOCOL}: install "
+                "the same pollinate version on both sides"
+            )
+        cid = reg.client_id
+        if cid < 0:
+            raise ProtocolError(f"client id must be >= 0, got {cid}")
+        digest = register_digest(cid, reg.public_key, reg.version, reg.protocol)
+        self._verify("register", cid, digest, reg, public_key=reg.public_key or None)
+        if self.on_register is not None:  # may refuse the client by raising a PollinateError
+            key = reg.public_key if len(reg.public_key) <= 100 else ""  # verified if authenticating
+            try:
+                self.on_register(cid, key)
+            except PollinateError as e:
+                raise ProtocolError(str(e)) from None
+        with self._lock:
+            if self._stopping or conn.closed:
+                return  # the stream is ending anyway; no Reject: the client may come back
+            old = self._clients.get(cid)
+            conn.client_id = cid
+            self._clients[cid] = conn
+            self._changed.notify_all()
+        if old is not None and old is not conn:
+            old.close(
+                f"client {cid} registered again from {conn.peer}; this older stream is closed",
+                reject=True,
+            )
+        conn.send(
+            pb.ServerMessage(
+                welcome=pb.Welcome(
+                    run_id=self.run_id,
+                    heartbeat_s=self.heartbeat_s,
+                    chunk_bytes=self.chunk_bytes,
+                    max_payload_bytes=self.max_payload_bytes,
+                )
+            )
+        )
+        log.info("client %d registered from %s (pollinate %s)", cid, conn.peer, reg.version[:40])
+
+    def _verify(
+        self,
+        kind: str,
+        client_id: int,
+        digest: bytes,
+        msg: pb.Register | pb.Result,
+        public_key: str | None = None,
+    ) -> None:
+        if not self.authenticates:
+            return
+        assert self.verifier is not None
+        if not msg.HasField("signed"):
+            raise AuthError(
+                f"the {kind} request of client {client_id} is not signed: this server "
+                "authenticates clients; run the client with its private key"
+            )
+        self.verifier.verify(
+            kind, client_id, digest, from_signed(msg.signed), public_key=public_key
+        )
+
+    def _forget(self, conn: Connection, *, finished: bool = False) -> None:
+        with self._lock:
+            if conn.client_id is not None and self._clients.get(conn.client_id) is conn:
+                del self._clients[conn.client_id]
+                self._changed.notify_all()
+            if finished:
+                self._all.discard(conn)
+
+    def _watch(self) -> None:
+        """Close connections that went silent; cancel closed streams that do not end."""
+        period = min(0.5, self.heartbeat_s / 4)
+        dead_after = 3 * self.heartbeat_s
+        while not self._stop.wait(period):
+            now = time.monotonic()
+            with self._lock:
+                conns = list(self._all)
+            for conn in conns:
+                if not conn.closed:
+                    silent = now - conn.last_seen
+                    if silent > dead_after:
+                        conn.close(
+                            f"no message for {silent:.1f} s (3 x heartbeat_s = {dead_after:g} s)"
+                        )
+                elif not conn.finished and now - conn.closed_at > CLOSE_GRACE_S:
+                    conn.finished = True
+                    conn.context.cancel()
+                    self._forget(conn, finished=True)
+
+    # --- tasks (used by GrpcExecutor) -------------------------------------------------
+
+    def _give(
+        self,
+        client_id: ClientId,
+        kind: TaskKind,
+        round_number: int,
+        config: Config,
+        payload: Payload,
+        sink: queue.Queue[Any],
+    ) -> Pending | None:
+        with self._lock:
+            conn = self._clients.get(client_id)
+        if conn is None:
+            return None
+        task_id = f"{round_number}.{kind}.{client_id}.{next(self._ids)}"
+        header = pb.ServerMessage(
+            task=pb.Task(
+                task_id=task_id,
+                kind=kind,
+                round=round_number,
+                config_json=dumps_scalars(config, "config"),
+                payload_size=payload.size,
+                payload_sha256=payload.sha256,
+            )
+        )
+        pending = Pending(task_id, client_id, kind, sink, conn)
+        return pending if conn.give(pending, header, payload) else None
+
+
+class GrpcExecutor:
+    """Runs a round's tasks on connected clients; the ``server.Executor`` for deployment.
+
+    Like the simulation executor it adds each client's ``seed`` to the task config (same
+    seeds as in simulation), and with ``deterministic=True`` hands outcomes on in client-id
+    order. The round's Arrays are serialized once and the same chunks go to every client.
+    """
+
+    def __init__(self, fleet: FleetServer, *, seed: int = 0, deterministic: bool = False) -> None:
+        self.fleet = fleet
+        self.seed = seed
+        self.deterministic = deterministic
+
+    def submit(
+        self,
+        round_number: int,
+        kind: TaskKind,
+        plan: Sequence[tuple[ClientId, TrainIns | EvaluateIns]],
+        timeout_s: float,
+    ) -> Iterator[Outcome]:
+        stream = self._stream(round_number, kind, plan, time.monotonic() + timeout_s)
+        if self.deterministic:
+            return iter(sorted(stream, key=lambda o: o.client_id))
+        return stream
+
+    def _stream(
+        self,
+        round_number: int,
+        kind: TaskKind,
+        plan: Sequence[tuple[ClientId, TrainIns | EvaluateIns]],
+        deadline: float,
+    ) -> Iterator[Outcome]:
+        self.fleet.round = round_number
+        sink: queue.Queue[Any] = queue.Queue()
+        payloads: dict[int, Payload] = {}  # one per distinct Arrays object: usually one
+        outstanding: dict[str, Pending] = {}
+        absent: list[Outcome] = []
+        try:
+            for cid, ins in plan:
+                key = id(ins.arrays)
+                if key not in payloads:
+                    payloads[key] = encode(ins.arrays, self.fleet.chunk_bytes)
+                config = {**ins.config, "seed": task_seed(self.seed, round_number, cid)}
+                pending = self.fleet._give(cid, kind, round_number, config, payloads[key], sink)
+                if pending is None:
+                    absent.append(Outcome(cid, kind, error=f"client {cid} is not connected"))
+                else:
+                    outstanding[pending.task_id] = pending
+            payloads.clear()
+            yield from absent
+            while outstanding:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    task_id, outcome = sink.get(timeout=remaining)
+                except queue.Empty:
+                    break
+                if outstanding.pop(task_id, None) is not None:
+                    yield outcome
+            # the deadline passed: whatever has not answered is a straggler
+            for task_id, pending in list(outstanding.items()):
+                if pending.expire():
+                    del outstanding[task_id]
+                    pending.conn.cancel(task_id, "the round deadline passed")
+                    yield pending.failed("timeout: no result before the round deadline")
+            while outstanding:  # outcomes that landed while we were expiring the rest
+                task_id, outcome = sink.get()
+                if outstanding.pop(task_id, None) is not None:
+                    yield outcome
+        finally:  # the consumer stopped early: free the clients' slots
+            for pending in outstanding.values():
+                if pending.expire():
+                    pending.conn.cancel(pending.task_id, "the server stopped waiting for this task")

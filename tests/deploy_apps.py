@@ -1,0 +1,44 @@
+"""Client apps for deployment tests, loaded by ``pollinate client --app deploy_apps:NAME``."""
+
+from __future__ import annotations
+
+import os
+import time
+from functools import cache
+from typing import Any
+
+from pollinate import config
+from pollinate.client import ClientContext, ClientFn
+from pollinate.deploy import config_client_fn
+from pollinate.types import Arrays, Config, EvaluateRes, TrainRes
+
+
+@cache
+def _inner(partition: int) -> ClientFn:
+    cfg = config.load(os.environ["POLLINATE_TEST_CONFIG"])
+    return config_client_fn(cfg, partition)
+
+
+class _Sleepy:
+    """The config's classification client, but it stalls in one round's training."""
+
+    def __init__(self, inner: Any, sleep_round: int) -> None:
+        self.inner = inner
+        self.sleep_round = sleep_round
+
+    def train(self, arrays: Arrays, config: Config) -> TrainRes:
+        if config.get("round") == self.sleep_round:
+            print(f"stalling in round {self.sleep_round}", flush=True)
+            time.sleep(300)
+        result: TrainRes = self.inner.train(arrays, config)
+        return result
+
+    def evaluate(self, arrays: Arrays, config: Config) -> EvaluateRes:
+        result: EvaluateRes = self.inner.evaluate(arrays, config)
+        return result
+
+
+def sleepy(ctx: ClientContext) -> _Sleepy:
+    """Stalls in round ``POLLINATE_SLEEP_ROUND`` (0: never) so a test can kill it mid-round."""
+    inner = _inner(ctx.client_id)(ctx)
+    return _Sleepy(inner, int(os.environ.get("POLLINATE_SLEEP_ROUND", "0")))

@@ -1,0 +1,279 @@
+"""Deployment end to end: real `pollinate server` and `pollinate client` processes on
+127.0.0.1, with TLS and client authentication, started and stopped by the tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pollinate import config
+from pollinate.callbacks import load_checkpoint
+from pollinate.experiment import run_experiment
+
+TESTS = Path(__file__).resolve().parent
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Cluster:
+    """Starts pollinate processes in a folder and kills whatever is left at the end."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.procs: list[subprocess.Popen[str]] = []
+        self.env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",  # many torch processes share two cores
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+            "POLLINATE_TEST_CONFIG": str(folder / "run.toml"),
+        }
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "pollinate.cli", *args],
+            cwd=self.folder,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def start(
+        self, name: str, *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[str]:
+        log = open(self.folder / f"{name}.log", "a")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pollinate.cli", *args],
+            cwd=self.folder,
+            env={**self.env, **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.folder / f"{name}.log").read_text()
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+        for proc in self.procs:
+            proc.wait(timeout=30)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path)
+    assert c.cli("certs", "certs").returncode == 0
+    assert c.cli("keys", "certs", "0", "1", "2", "3", "4").returncode == 0
+    try:
+        yield c
+    finally:
+        c.stop_all()
+
+
+def write_config(folder: Path, rounds: int, clients: int, **strategy: object) -> Path:
+    lines = [
+        "[run]",
+        f"rounds = {rounds}",
+        'output = "runs/deployed"',
+        "deterministic = true",
+        "[data]",
+        f"num_clients = {clients}",
+        "[train]",
+        "epochs = 2",
+        "[strategy]",
+        f"min_available_clients = {clients}",
+    ]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in strategy.items()]
+    path = folder / "run.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def simulated(folder: Path, backend: str = "sequential") -> list[np.ndarray]:
+    cfg = config.load(
+        folder / "run.toml",
+        [f"run.output={folder / 'runs' / 'simulated'}", f"simulation.backend={backend}"],
+    )
+    return run_experiment(cfg, quiet=True).arrays
+
+
+def rounds_done(folder: Path) -> int:
+    try:
+        return len(json.loads((folder / "runs/deployed/history.json").read_text())["rounds"])
+    except (OSError, ValueError):
+        return 0
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def server_args(port: int) -> list[str]:
+    return ["server", "run.toml", "--address", f"127.0.0.1:{port}", "--certs", "certs", "-q"]
+
+
+def client_args(port: int, i: int) -> list[str]:
+    return [
+        "client",
+        "--server",
+        f"127.0.0.1:{port}",
+        "--config",
+        "run.toml",
+        "--partition",
+        str(i),
+        "--certs",
+        "certs",
+    ]
+
+
+def assert_same_model(a: list[np.ndarray], b: list[np.ndarray]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_deployed_run_equals_simulation(cluster: Cluster) -> None:
+    folder = cluster.folder
+    write_config(folder, rounds=3, clients=5)
+    port = free_port()
+    server = cluster.start("server", *server_args(port))
+    clients = [cluster.start(f"client{i}", *client_args(port, i)) for i in range(5)]
+    wait_until(lambda: rounds_done(folder) >= 1, 180, "round 1")
+    status = cluster.cli("status", f"127.0.0.1:{port}", "--certs", "certs")
+    assert status.returncode == 0, status.stderr
+    assert "clients connected: 5" in status.stdout
+    assert server.wait(timeout=300) == 0, cluster.log("server")
+    history = json.loads((folder / "runs/deployed/history.json").read_text())
+    assert [r["round"] for r in history["rounds"]] == [1, 2, 3]
+    assert all(r["train"]["clients"] == 5 for r in history["rounds"])
+    deployed, _ = load_checkpoint(folder / "runs/deployed/checkpoints/last.npz")
+    assert_same_model(deployed, simulated(folder))
+    assert (folder / "runs/deployed/report.html").is_file()
+    for i, c in enumerate(clients):  # told the run is over, clients stop by themselves
+        assert c.wait(timeout=60) == 0, cluster.log(f"client{i}")
+    assert "finished all 3 rounds" in cluster.log("client0")
+
+
+def test_client_killed_mid_round_then_rejoins(cluster: Cluster) -> None:
+    folder = cluster.folder
+    write_config(folder, rounds=4, clients=4, min_train_clients=2, round_timeout_s=120)
+    port = free_port()
+    cluster.start("server", *server_args(port)[:-1])
+    for i in range(3):
+        cluster.start(f"client{i}", *client_args(port, i))
+    app = [
+        "client",
+        "--server",
+        f"127.0.0.1:{port}",
+        "--app",
+        "deploy_apps:sleepy",
+        "--client-id",
+        "3",
+        "--certs",
+        "certs",
+    ]
+    victim = cluster.start("victim", *app, env={"POLLINATE_SLEEP_ROUND": "2"})
+    wait_until(lambda: "stalling in round 2" in cluster.log("victim"), 180, "the stall")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    wait_until(lambda: rounds_done(folder) >= 2, 60, "round 2 without the killed client")
+    cluster.start("victim-again", *app)  # same identity, no stall
+    wait_until(lambda: rounds_done(folder) >= 4, 240, "round 4")
+    history = json.loads((folder / "runs/deployed/history.json").read_text())
+    round2 = history["rounds"][1]
+    assert round2["train"]["clients"] == 3
+    assert any(f["client_id"] == 3 for f in round2["failures"])
+    assert "3" in history["rounds"][3]["clients"]  # back in a later round
+
+
+def test_server_killed_after_round_2_resumes(cluster: Cluster) -> None:
+    folder = cluster.folder
+    write_config(folder, rounds=5, clients=3)
+    port = free_port()
+    server = cluster.start("server", *server_args(port))
+    for i in range(3):
+        cluster.start(f"client{i}", *client_args(port, i))
+    wait_until(lambda: rounds_done(folder) >= 2, 180, "round 2")
+    server.send_signal(signal.SIGKILL)
+    server.wait(timeout=30)
+    restarted = cluster.start("server-again", *server_args(port))
+    assert restarted.wait(timeout=300) == 0, cluster.log("server-again")
+    assert "resuming after round" in cluster.log("server-again")
+    history = json.loads((folder / "runs/deployed/history.json").read_text())
+    assert [r["round"] for r in history["rounds"]] == [1, 2, 3, 4, 5]
+    deployed, meta = load_checkpoint(folder / "runs/deployed/checkpoints/last.npz")
+    assert meta["round"] == 5
+    assert_same_model(deployed, simulated(folder))
+
+
+def test_unknown_client_and_wrong_ca_are_refused(cluster: Cluster) -> None:
+    folder = cluster.folder
+    write_config(folder, rounds=1, clients=2)
+    port = free_port()
+    cluster.start("server", *server_args(port))
+    # an identity the server's allow-list does not hold
+    assert cluster.cli("keys", "stranger", "7").returncode == 0
+    unknown = cluster.cli(
+        "client",
+        "--server",
+        f"127.0.0.1:{port}",
+        "--config",
+        "run.toml",
+        "--partition",
+        "1",
+        "--client-id",
+        "7",
+        "--ca",
+        "certs/ca.crt",
+        "--key",
+        "stranger/client-7.key",
+        timeout=120,
+    )
+    assert unknown.returncode != 0
+    assert "allow-list" in unknown.stderr
+    # a client that trusts another CA cannot talk to this server
+    assert cluster.cli("certs", "other").returncode == 0
+    wrong_ca = cluster.cli(
+        "client",
+        "--server",
+        f"127.0.0.1:{port}",
+        "--config",
+        "run.toml",
+        "--partition",
+        "0",
+        "--ca",
+        "other/ca.crt",
+        "--key",
+        "certs/client-0.key",
+        "--max-retries",
+        "1",
+        timeout=120,
+    )
+    assert wrong_ca.returncode != 0
+    assert "gave up" in wrong_ca.stderr
