@@ -45,6 +45,14 @@ class Executor(Protocol):
     ) -> Iterator[Outcome]: ...
 
 
+def in_order(outcomes: Iterator[Outcome], deterministic: bool) -> Iterator[Outcome]:
+    """Outcomes as they finish, or (``deterministic``) buffered and handed on in client-id
+    order, so the aggregate is bit-identical whichever way the clients ran."""
+    if deterministic:
+        return iter(sorted(outcomes, key=lambda o: o.client_id))
+    return outcomes
+
+
 class Callback:
     """Hooks into a run; every method is optional."""
 

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 from pollinate.client import ClientFn, MemoryStateStore, StateStore, task_seed
 from pollinate.errors import ConfigError
-from pollinate.server import Callback, History, RunResult, run
+from pollinate.server import Callback, History, RunResult, in_order, run
 from pollinate.simulation.backends.base import Backend
 from pollinate.strategy.base import Strategy
 from pollinate.types import Arrays, ClientId, EvaluateIns, Outcome, Task, TaskKind, TrainIns
@@ -71,10 +71,7 @@ class SimulationExecutor:
         timeout_s: float,
     ) -> Iterator[Outcome]:
         deadline = time.monotonic() + timeout_s
-        stream = self._stream(round_number, kind, plan, deadline)
-        if self.deterministic:
-            return iter(sorted(stream, key=lambda o: o.client_id))
-        return stream
+        return in_order(self._stream(round_number, kind, plan, deadline), self.deterministic)
 
     def _stream(
         self,

@@ -10,6 +10,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from pollinate.client import ClientContext, ClientFn
+from pollinate.errors import ConfigError
 from pollinate.types import Arrays, Outcome, Task
 
 log = logging.getLogger("pollinate")
@@ -42,6 +43,14 @@ class Backend(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def check_workers(workers: int, threads_per_worker: int) -> None:
+    """Refuse worker counts a backend cannot run with."""
+    if workers < 1:
+        raise ConfigError(f"simulation.workers must be >= 1, got {workers}")
+    if threads_per_worker < 1:
+        raise ConfigError(f"simulation.threads_per_worker must be >= 1, got {threads_per_worker}")
 
 
 def longest_first(tasks: Sequence[Task]) -> list[Task]:

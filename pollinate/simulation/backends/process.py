@@ -31,6 +31,7 @@ from pollinate.client import ClientFn
 from pollinate.errors import BackendError, ConfigError
 from pollinate.simulation.backends.base import (
     Backend,
+    check_workers,
     execute_task,
     longest_first,
     timeout_outcome,
@@ -164,12 +165,7 @@ class ProcessBackend(Backend):
     name = "process"
 
     def __init__(self, workers: int = 2, threads_per_worker: int = 1) -> None:
-        if workers < 1:
-            raise ConfigError(f"simulation.workers must be >= 1, got {workers}")
-        if threads_per_worker < 1:
-            raise ConfigError(
-                f"simulation.threads_per_worker must be >= 1, got {threads_per_worker}"
-            )
+        check_workers(workers, threads_per_worker)
         self.workers = workers
         self.threads_per_worker = threads_per_worker
         self._ctx = mp.get_context("spawn")

@@ -23,6 +23,7 @@ from pollinate.client import ClientFn
 from pollinate.errors import BackendError, ConfigError, missing_dependency
 from pollinate.simulation.backends.base import (
     Backend,
+    check_workers,
     execute_task,
     longest_first,
     timeout_outcome,
@@ -70,12 +71,7 @@ class RayBackend(Backend):
         address: str = "",
         connect_timeout_s: float = 60.0,
     ) -> None:
-        if workers < 1:
-            raise ConfigError(f"simulation.workers must be >= 1, got {workers}")
-        if threads_per_worker < 1:
-            raise ConfigError(
-                f"simulation.threads_per_worker must be >= 1, got {threads_per_worker}"
-            )
+        check_workers(workers, threads_per_worker)
         self.workers = workers
         self.threads_per_worker = threads_per_worker
         self.address = address

@@ -24,6 +24,7 @@ from typing import Any
 
 from pollinate.client import task_seed
 from pollinate.errors import ConfigError, PollinateError, missing_dependency
+from pollinate.server import in_order
 
 try:
     import grpc
@@ -433,9 +434,7 @@ class GrpcExecutor:
         timeout_s: float,
     ) -> Iterator[Outcome]:
         stream = self._stream(round_number, kind, plan, time.monotonic() + timeout_s)
-        if self.deterministic:
-            return iter(sorted(stream, key=lambda o: o.client_id))
-        return stream
+        return in_order(stream, self.deterministic)
 
     def _stream(
         self,
