@@ -86,3 +86,39 @@ def test_adam_ignores_sgd_momentum():
     cfg = config.load(overrides=["train.optimizer=adam"])
     assert "momentum" not in train_config(cfg)
     assert train_config(config.load())["momentum"] == 0.9
+
+
+@pytest.mark.slow
+def test_cnn_process_equals_sequential(tmp_path):
+    """Image batches get one memory layout on every backend, so CNN runs match bit for bit."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "tiny.npz"
+    np.savez(
+        path,
+        x_train=rng.integers(0, 255, (160, 28, 28), dtype=np.uint8),
+        y_train=rng.integers(0, 10, 160),
+        x_test=rng.integers(0, 255, (40, 28, 28), dtype=np.uint8),
+        y_test=rng.integers(0, 10, 40),
+    )
+    models = {}
+    for backend in ("sequential", "process"):
+        cfg = small(
+            tmp_path,
+            backend,
+            f"data.dataset=npz:{path}",
+            "model.name=cnn",
+            "run.deterministic=true",
+            "data.num_clients=2",
+            "strategy.fraction_train=1.0",
+        )
+        models[backend] = run_experiment(cfg, quiet=True).arrays
+    for a, b in zip(models["sequential"], models["process"]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_sequential_backend_restores_torch_threads(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    run_experiment(small(tmp_path, "sequential", "simulation.threads_per_worker=1"), quiet=True)
+    assert torch.get_num_threads() == before

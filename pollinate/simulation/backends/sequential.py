@@ -31,12 +31,15 @@ class SequentialBackend(Backend):
         self.threads = threads
         self._client_fn: ClientFn | None = None
         self._worker: dict[str, Any] = {}
+        self._threads_before: int | None = None
 
     def start(self, client_fn: ClientFn) -> None:
         self._client_fn = client_fn
         self._worker = {}
-        if self.threads and "torch" in sys.modules:
-            sys.modules["torch"].set_num_threads(self.threads)
+        if self.threads and "torch" in sys.modules:  # restored by close()
+            torch = sys.modules["torch"]
+            self._threads_before = torch.get_num_threads()
+            torch.set_num_threads(self.threads)
 
     def run(self, arrays: Arrays, tasks: Sequence[Task], deadline: float) -> Iterator[Outcome]:
         if self._client_fn is None:
@@ -56,3 +59,6 @@ class SequentialBackend(Backend):
     def close(self) -> None:
         self._worker = {}
         self._client_fn = None
+        if self._threads_before is not None:
+            sys.modules["torch"].set_num_threads(self._threads_before)
+            self._threads_before = None
