@@ -16,7 +16,7 @@ ratio is raw-socket MB/s over pollinate MB/s. Also printed: the codec work one r
 needs (2 x encode + 2 x reassemble, in one process, no network), which bounds how fast the
 gRPC path can be on this CPU.
 
-    .venv/bin/python bench/deploy_throughput.py              # 100 MB, 1 warm-up + 3 repeats
+    .venv/bin/python bench/deploy_throughput.py          # 100 MB, 2 warm-up + 5 timed repeats
     .venv/bin/python bench/deploy_throughput.py --mb 20 --repeats 2 --no-tls
 
 All traffic is on 127.0.0.1; the script stops every server and process it starts.
@@ -71,7 +71,7 @@ def echo_client_fn(ctx: ClientContext) -> EchoClient:
     return EchoClient()
 
 
-def client_main(address: str, ca_path: str) -> None:
+def client_main(address: str, ca_path: str, chunk_bytes: int) -> None:
     """``run_client`` until stdin closes (the parent's signal to stop)."""
     from pollinate.transport.grpc.client import Backoff, run_client
 
@@ -92,6 +92,7 @@ def client_main(address: str, ca_path: str) -> None:
         stop_event=stop,
         backoff=Backoff(0.05, 2.0, 1.0),
         max_retries=20,
+        max_message_bytes=message_bytes(chunk_bytes),
     )
 
 
@@ -135,6 +136,13 @@ def echo_server_main() -> None:
 # --- helpers (parent side) ------------------------------------------------------------------
 
 
+def message_bytes(chunk_bytes: int) -> int:
+    """The gRPC message limit that fits one chunk and its framing."""
+    from pollinate.transport.grpc.codec import DEFAULT_MAX_MESSAGE_BYTES, MESSAGE_OVERHEAD
+
+    return max(DEFAULT_MAX_MESSAGE_BYTES, chunk_bytes + MESSAGE_OVERHEAD)
+
+
 def spawn(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, str(Path(__file__).resolve()), *args],
@@ -164,7 +172,7 @@ def arrays_digest(arrays: Arrays) -> str:
     h = hashlib.sha256()
     for a in arrays:
         h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(memoryview(np.ascontiguousarray(a)).cast("B"))
+        h.update(np.ascontiguousarray(a).view(np.uint8).data)
     return h.hexdigest()
 
 
@@ -188,7 +196,7 @@ def machine_line() -> str:
 class GrpcPath:
     """A FleetServer here and one echo client process connected to it."""
 
-    def __init__(self, tls_dir: Path | None) -> None:
+    def __init__(self, tls_dir: Path | None, chunk_bytes: int) -> None:
         from pollinate.transport.grpc.server import FleetServer, GrpcExecutor
 
         tls = None
@@ -200,11 +208,26 @@ class GrpcPath:
             crt, key = make_server_cert(tls_dir, ca_crt, ca_key, ["127.0.0.1"])
             tls = (crt.read_bytes(), key.read_bytes())
             ca_path = str(ca_crt)
-        self.fleet = FleetServer("127.0.0.1:0", tls=tls, heartbeat_s=5.0).start()
+        self.fleet = FleetServer(
+            "127.0.0.1:0",
+            tls=tls,
+            heartbeat_s=5.0,
+            chunk_bytes=chunk_bytes,
+            max_message_bytes=message_bytes(chunk_bytes),
+        ).start()
         self.executor = GrpcExecutor(self.fleet)
         self.proc: subprocess.Popen[str] | None = None
         self.round = 0
-        self.proc = spawn("--role", "client", "--address", self.fleet.address, "--ca", ca_path)
+        self.proc = spawn(
+            "--role",
+            "client",
+            "--address",
+            self.fleet.address,
+            "--ca",
+            ca_path,
+            "--chunk-kib",
+            str(chunk_bytes // 1024),
+        )
         if not self.fleet.wait_for(1, timeout=WAIT_S):
             raise RuntimeError("the client process did not connect")
 
@@ -256,22 +279,40 @@ class RawPath:
         stop_process(self.proc)
 
 
-def codec_seconds(arrays: Arrays, repeats: int) -> float:
-    """Median time of the codec work in one round trip: 2 x (encode + reassemble + decode)."""
-    from pollinate.transport.grpc.codec import Assembler, decode, encode
+def codec_seconds(arrays: Arrays, repeats: int) -> dict[str, float]:
+    """Median seconds of each piece of codec work one payload needs (one direction), in this
+    process with no network: ``serde.dumps``, SHA-256, cutting into chunks, reassembling
+    (copy + SHA-256) and decoding."""
+    from pollinate import serde
+    from pollinate.transport.grpc.codec import DEFAULT_CHUNK_BYTES, Assembler, decode
 
-    times = []
+    names = ["serde.dumps", "sha256", "cut into chunks", "reassemble (copy+sha256)", "decode"]
+    parts: dict[str, list[float]] = {name: [] for name in names}
+    step = DEFAULT_CHUNK_BYTES
     for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(2):
-            payload = encode(arrays)
-            asm = Assembler("bench", payload.size, payload.sha256, max_bytes=1 << 40)
-            for offset, data, last in payload.pieces():
-                asm.add(offset, data, last)
-            decode(asm.result(), 1 << 40, writeable=True)
-            del payload, asm
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        t0 = time.perf_counter()
+        data = serde.dumps(arrays)
+        t1 = time.perf_counter()
+        digest = hashlib.sha256(data).digest()
+        t2 = time.perf_counter()
+        view = memoryview(data)
+        chunks = [bytes(view[i : i + step]) for i in range(0, len(data), step)]
+        t3 = time.perf_counter()
+        view.release()
+        del data
+        asm = Assembler("bench", sum(map(len, chunks)), digest, max_bytes=1 << 40)
+        t4 = time.perf_counter()
+        offset = 0
+        for i, c in enumerate(chunks):
+            asm.add(offset, c, i == len(chunks) - 1)
+            offset += len(c)
+        t5 = time.perf_counter()
+        decode(asm.result(), 1 << 40, writeable=True)
+        t6 = time.perf_counter()
+        del chunks, asm
+        for name, seconds in zip(names, (t1 - t0, t2 - t1, t3 - t2, t5 - t4, t6 - t5)):
+            parts[name].append(seconds)
+    return {name: statistics.median(ts) for name, ts in parts.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -280,11 +321,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", default="")
     parser.add_argument("--ca", default="")
     parser.add_argument("--mb", type=int, default=100, help="model size in MB (10^6 bytes)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats after 1 warm-up")
+    parser.add_argument("--repeats", type=int, default=5, help="timed round trips")
+    parser.add_argument("--warmup", type=int, default=2, help="round trips not timed")
+    parser.add_argument(
+        "--chunk-kib", type=int, default=1024, help="chunk size on the stream (default 1 MiB)"
+    )
+    parser.add_argument("--verbose", action="store_true", help="print every round trip")
     parser.add_argument("--no-tls", action="store_true", help="skip the TLS measurement")
     args = parser.parse_args(argv)
     if args.role == "client":
-        client_main(args.address, args.ca)
+        client_main(args.address, args.ca, args.chunk_kib * 1024)
         return 0
     if args.role == "echo":
         echo_server_main()
@@ -296,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.getLogger("pollinate").setLevel(logging.ERROR)  # the plaintext warnings
     size = args.mb * MB
+    chunk = args.chunk_kib * 1024
     arrays = make_model(size)
     sent_digest = arrays_digest(arrays)
     raw_bytes = serde.dumps(arrays)  # the very bytes pollinate puts on the wire
@@ -303,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     print(machine_line())
     print(
         f"model: {N_ARRAYS} float32 arrays, {size:,} bytes of array data "
-        f"({len(raw_bytes):,} bytes serialized); 1 warm-up + {args.repeats} timed round trips"
+        f"({len(raw_bytes):,} bytes serialized, {chunk // 1024} KiB chunks); "
+        f"{args.warmup} warm-up + {args.repeats} timed round trips, interleaved"
     )
 
     paths: dict[str, Any] = {}
@@ -311,11 +359,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pollinate-bench-tls-") as tmp:
         try:
             paths["raw socket"] = RawPath()
-            paths["pollinate gRPC"] = GrpcPath(None)
+            paths["pollinate gRPC"] = GrpcPath(None, chunk)
             if not args.no_tls:
-                paths["pollinate gRPC + TLS"] = GrpcPath(Path(tmp))
+                paths["pollinate gRPC + TLS"] = GrpcPath(Path(tmp), chunk)
             times = {name: [] for name in paths}
-            for i in range(1 + args.repeats):  # interleaved: load changes hit all paths alike
+            # interleaved, so that changes in the machine's load hit all paths alike
+            for i in range(args.warmup + args.repeats):
                 for name, path in paths.items():
                     if isinstance(path, RawPath):
                         seconds, back = path.round_trip(raw_bytes)
@@ -326,27 +375,34 @@ def main(argv: list[str] | None = None) -> int:
                         del echoed
                     if not ok:
                         raise RuntimeError(f"{name}: the payload came back different")
-                    if i > 0:
+                    if i >= args.warmup:
                         times[name].append(seconds)
         finally:
             for path in paths.values():
                 path.close()
 
-    codec = codec_seconds(arrays, max(1, min(3, args.repeats)))
+    codec = codec_seconds(arrays, 3)
     print("all payloads came back with the SHA-256 they were sent with")
     print()
     raw_rate = 2 * size / MB / statistics.median(times["raw socket"])
     print(f"{'path':<22} {'round trip (median, min)':>26} {'MB/s both ways':>15} {'raw/this':>9}")
     for name, ts in times.items():
+        if args.verbose:
+            print(f"  {name}: " + " ".join(f"{t:.3f}" for t in ts))
         med = statistics.median(ts)
         rate = 2 * size / MB / med
-        print(
-            f"{name:<22} {med:>14.3f} s {min(ts):>8.3f} s {rate:>15.0f} {raw_rate / rate:>8.1f}x"
-        )
+        print(f"{name:<22} {med:>14.3f} s {min(ts):>8.3f} s {rate:>15.0f} {raw_rate / rate:>8.1f}x")
     print()
+    one_way = sum(codec.values())
+    grpc_med = statistics.median(times["pollinate gRPC"])
     print(
-        f"codec work in one round trip (2 x encode + reassemble + decode, one process, no "
-        f"network): {codec:.3f} s (= {2 * size / MB / codec:.0f} MB/s if nothing else cost)"
+        f"codec work per direction (one process, no network), {one_way:.3f} s: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in codec.items())
+    )
+    print(
+        f"pollinate gRPC round trip {grpc_med:.3f} s = codec 2 x {one_way:.3f} s "
+        f"({2 * one_way / grpc_med:.0%}) + gRPC stream, threads and the task "
+        f"{grpc_med - 2 * one_way:.3f} s"
     )
     if uptime := _uptime():
         print(f"uptime after: {uptime}")
