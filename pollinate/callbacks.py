@@ -34,20 +34,36 @@ def headline(record: dict[str, Any]) -> str:
     parts.append(f"{train.get('clients', 0)} trained")
     if train.get("failures"):
         parts.append(f"{train['failures']} failed")
+    epsilon = _epsilon(record)
+    if epsilon:
+        parts.append(epsilon)
     return ", ".join(parts)
+
+
+def _epsilon(record: dict[str, Any]) -> str:
+    """``ε 1.23`` when the round was differentially private, else an empty string."""
+    privacy = record.get("privacy")
+    if not privacy:
+        return ""
+    epsilon = privacy.get("epsilon")
+    if epsilon is None or not math.isfinite(epsilon):
+        return "ε inf"
+    return f"ε {epsilon:.3g}"
 
 
 def short_headline(record: dict[str, Any]) -> str:
     """The round's accuracy in a few characters, for the live bar."""
+    parts = [_epsilon(record)]
     for section, tag in (("centralized", "acc"), ("federated", "fed acc")):
         acc = record.get(section, {}).get("accuracy")
         if acc is not None:
-            return f"{tag} {acc:.3f}"
-    return ""
+            parts.insert(0, f"{tag} {acc:.3f}")
+            break
+    return " ".join(p for p in parts if p)
 
 
 class ProgressDisplay(Callback):
-    """Round i/n, clients done, elapsed and ETA, last accuracy.
+    """Round i/n, clients done, elapsed and ETA, last accuracy, and ε when private.
 
     A live bar on a terminal; one plain line per round otherwise; nothing when ``quiet``.
     """

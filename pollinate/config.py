@@ -90,6 +90,24 @@ class SimulationSection:
 
 
 @dataclass
+class PrivacySection:
+    """[privacy]: differential privacy of the trained model, and its budget."""
+
+    mode: str = "none"  # none | central (DP-FedAvg) | local (each client noises its update)
+    noise_multiplier: float = 1.0  # z: noise standard deviation = z × clip
+    target_epsilon: float = 0.0  # > 0: solve z for this ε over the whole run instead
+    delta: float = 1e-5
+    clip: float = 1.0  # L2 clip C of each update; the initial C when adaptive (default 0.1)
+    clip_on: str = "server"  # central: server | client
+    adaptive: bool = False  # central: C follows a private quantile of update norms
+    target_quantile: float = 0.5  # adaptive: the quantile C tracks
+    clip_lr: float = 0.2  # adaptive: the geometric learning rate of C
+    max_epsilon: float = 0.0  # > 0: stop before a round that would exceed it
+    sampling: str = "poisson"  # central: poisson (q = strategy.fraction_train) | fixed
+    accountant: str = "pld"  # central: pld | rdp (fixed sampling needs rdp)
+
+
+@dataclass
 class RunConfig:
     """A whole run config."""
 
@@ -99,6 +117,7 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
     strategy: StrategySection = field(default_factory=StrategySection)
     simulation: SimulationSection = field(default_factory=SimulationSection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
 
     @property
     def output_dir(self) -> Path:
@@ -113,6 +132,10 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("train", "optimizer"): ("sgd", "adam"),
     ("strategy", "name"): ("fedavg",),
     ("simulation", "backend"): ("sequential", "process", "ray"),
+    ("privacy", "mode"): ("none", "central", "local"),
+    ("privacy", "clip_on"): ("server", "client"),
+    ("privacy", "sampling"): ("poisson", "fixed"),
+    ("privacy", "accountant"): ("pld", "rdp"),
 }
 POSITIVE = {
     ("run", "rounds"),
@@ -125,6 +148,9 @@ POSITIVE = {
     ("strategy", "round_timeout_s"),
     ("simulation", "workers"),
     ("simulation", "threads_per_worker"),
+    ("privacy", "delta"),
+    ("privacy", "clip"),
+    ("privacy", "clip_lr"),
 }
 NON_NEGATIVE = {
     ("data", "min_size"),
@@ -133,11 +159,15 @@ NON_NEGATIVE = {
     ("strategy", "min_train_clients"),
     ("strategy", "min_available_clients"),
     ("strategy", "min_evaluate_clients"),
+    ("privacy", "noise_multiplier"),
+    ("privacy", "target_epsilon"),
+    ("privacy", "max_epsilon"),
 }
 FRACTIONS = {
     ("data", "client_test_fraction"),
     ("strategy", "fraction_train"),
     ("strategy", "fraction_evaluate"),
+    ("privacy", "target_quantile"),
 }
 
 
@@ -217,6 +247,49 @@ def _check(cfg: RunConfig) -> None:
         )
     if not cfg.run.name.strip():
         raise ConfigError("run.name must not be empty")
+    _check_privacy(cfg.privacy)
+
+
+def _check_privacy(p: PrivacySection) -> None:
+    if p.mode == "none":
+        return
+    if p.delta >= 1:
+        raise ConfigError(f"privacy.delta must be < 1 (typically below 1/clients), got {p.delta}")
+    if p.noise_multiplier == 0 and p.target_epsilon == 0:
+        raise ConfigError(
+            "privacy.noise_multiplier = 0 adds no noise (ε would be infinite); set "
+            "noise_multiplier > 0 or target_epsilon > 0, or privacy.mode = 'none'"
+        )
+    if p.max_epsilon and p.target_epsilon > p.max_epsilon:
+        raise ConfigError(
+            f"privacy.target_epsilon = {p.target_epsilon} exceeds privacy.max_epsilon = "
+            f"{p.max_epsilon}: the run would stop before its last round"
+        )
+    if not 0 < p.target_quantile < 1:
+        raise ConfigError(
+            f"privacy.target_quantile must be strictly between 0 and 1, got {p.target_quantile}"
+        )
+    if p.mode == "local" and p.adaptive:
+        raise ConfigError(
+            "privacy.adaptive works with mode = 'central' only: under local DP the server "
+            "never sees an update's norm; set a fixed privacy.clip"
+        )
+    if p.mode == "central" and p.sampling == "fixed" and p.accountant == "pld":
+        raise ConfigError(
+            "privacy.sampling = 'fixed' needs privacy.accountant = 'rdp': dp_accounting's PLD "
+            "accountant has no event for sampling without replacement"
+        )
+
+
+def _privacy_defaults(cfg: RunConfig, given: dict[str, Any]) -> None:
+    """Defaults of [privacy] that depend on which keys were given."""
+    if "noise_multiplier" in given and "target_epsilon" in given:
+        raise ConfigError(
+            "set one of privacy.noise_multiplier or privacy.target_epsilon, not both "
+            "(with target_epsilon the noise multiplier is solved for)"
+        )
+    if cfg.privacy.adaptive and "clip" not in given:
+        cfg.privacy.clip = 0.1  # Andrew et al.'s initial clip
 
 
 def from_dict(raw: dict[str, Any]) -> RunConfig:
@@ -234,6 +307,8 @@ def from_dict(raw: dict[str, Any]) -> RunConfig:
             if key not in hints:
                 raise _unknown(f"key in [{section}]", key, list(hints))
             setattr(target, key, _coerce(section, key, value, hints[key]))
+    privacy = raw.get("privacy", {})
+    _privacy_defaults(cfg, privacy if isinstance(privacy, dict) else {})
     _check(cfg)
     return cfg
 

@@ -88,6 +88,7 @@ def serve(
     """Run ``cfg``'s rounds over the clients that connect to ``address``."""
     from pollinate.experiment import build_data, build_model_fn, build_strategy
     from pollinate.frameworks.torch import initial_arrays, torch_evaluator
+    from pollinate.privacy.accounting import PrivacyBudgetExceeded
     from pollinate.state import ServerState
     from pollinate.transport.grpc.auth import AllowList, Verifier
     from pollinate.transport.grpc.server import FleetServer, GrpcExecutor
@@ -141,16 +142,23 @@ def serve(
                 ProgressDisplay(quiet=quiet),
                 RunFolderWriter(cfg.output_dir, history, label_counts=data.label_counts()),
             ]
-            result = run(
-                strategy,
-                GrpcExecutor(fleet, seed=cfg.run.seed, deterministic=cfg.run.deterministic),
-                ConnectedClients(fleet, cfg.strategy.min_available_clients, quiet),
-                arrays,
-                cfg.run.rounds,
-                callbacks=callbacks,
-                history=history,
-                start_round=last + 1,
-            )
+            try:
+                result = run(
+                    strategy,
+                    GrpcExecutor(fleet, seed=cfg.run.seed, deterministic=cfg.run.deterministic),
+                    ConnectedClients(fleet, cfg.strategy.min_available_clients, quiet),
+                    arrays,
+                    cfg.run.rounds,
+                    callbacks=callbacks,
+                    history=history,
+                    start_round=last + 1,
+                )
+            except PrivacyBudgetExceeded as exc:  # a clean stop: completed rounds are saved
+                log.warning("%s; the completed rounds are in %s", exc, cfg.output_dir)
+                state.set_status("budget exhausted")
+                fleet.stop(finished=f"the run stopped: {exc}")
+                _, saved, _ = state.load_latest()
+                return RunResult(history, saved if saved is not None else arrays)
             state.set_status("finished")
             fleet.stop(finished=f"the run finished all {cfg.run.rounds} rounds")
             return result
@@ -177,7 +185,7 @@ def load_app(spec: str) -> ClientFn:
 
 def config_client_fn(cfg: RunConfig, partition: int) -> ClientFn:
     """The built-in classification client for partition ``partition`` of ``cfg``'s data."""
-    from pollinate.experiment import build_data, build_model_fn
+    from pollinate.experiment import build_data, build_model_fn, wrap_client_fn
     from pollinate.frameworks.torch import classification_app
 
     data = build_data(cfg)
@@ -186,7 +194,7 @@ def config_client_fn(cfg: RunConfig, partition: int) -> ClientFn:
             f"--partition {partition} is out of range: the config splits its data into "
             f"{data.num_clients} partitions (0..{data.num_clients - 1})"
         )
-    return classification_app(build_model_fn(cfg, data), data)
+    return wrap_client_fn(cfg, classification_app(build_model_fn(cfg, data), data))
 
 
 def connect(

@@ -13,8 +13,10 @@ Every error derives from one root, so ``except PollinateError`` catches them all
     ├── MissingDependencyError an optional dependency (torch, ray …) is not installed
     ├── StateError             the server's SQLite run state is missing, corrupt or for another run
     │                          (pollinate.state)
-    └── AuthError              a client failed authentication: unknown, revoked, bad signature,
-                               replayed (pollinate.transport.grpc.auth)
+    ├── AuthError              a client failed authentication: unknown, revoked, bad signature,
+    │                          replayed (pollinate.transport.grpc.auth)
+    └── PrivacyError           a privacy setting cannot be honoured (pollinate.privacy)
+        └── PrivacyBudgetExceeded  the next round would spend more ε than privacy.max_epsilon
 """
 
 from __future__ import annotations

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
 from pollinate.callbacks import ProgressDisplay, RunFolderWriter
+from pollinate.client import ClientFn
 from pollinate.config import RunConfig
 from pollinate.data import FederatedDataset, load_dataset, make_partitioner
-from pollinate.server import History, RunResult
+from pollinate.server import Callback, History, RunResult
 from pollinate.simulation import simulate
+from pollinate.strategy.base import Strategy
 from pollinate.strategy.fedavg import EvaluateFn, FedAvg
+from pollinate.types import Arrays
+
+log = logging.getLogger("pollinate")
 
 PARTITION_PARAMS = {
     "iid": (),
@@ -70,13 +77,14 @@ def build_model_fn(cfg: RunConfig, data: FederatedDataset) -> Callable[[], Any]:
     )
 
 
-def build_strategy(cfg: RunConfig, evaluate_fn: EvaluateFn | None) -> FedAvg:
-    """The config's strategy, evaluating centrally with ``evaluate_fn``."""
+def build_strategy(cfg: RunConfig, evaluate_fn: EvaluateFn | None) -> Strategy:
+    """The config's strategy, evaluating centrally with ``evaluate_fn``, wrapped per [privacy]."""
     s = cfg.strategy
-    return FedAvg(
-        fraction_train=s.fraction_train,
+    central = cfg.privacy.mode == "central"  # then CentralDP samples the clients itself
+    fedavg = FedAvg(
+        fraction_train=1.0 if central else s.fraction_train,
         min_train_clients=s.min_train_clients,
-        min_available_clients=s.min_available_clients,
+        min_available_clients=0 if central else s.min_available_clients,
         fraction_evaluate=s.fraction_evaluate,
         min_evaluate_clients=s.min_evaluate_clients,
         round_timeout_s=s.round_timeout_s,
@@ -85,34 +93,186 @@ def build_strategy(cfg: RunConfig, evaluate_fn: EvaluateFn | None) -> FedAvg:
         evaluate_fn=evaluate_fn,
         seed=cfg.run.seed,
     )
+    return wrap_strategy(cfg, fedavg)
+
+
+# -- privacy ----------------------------------------------------------------------------------
+
+
+def clients_per_round(cfg: RunConfig) -> float:
+    """Central DP's expected clients per round: q·N (Poisson) or FedAvg's sample size m."""
+    n, s = cfg.data.num_clients, cfg.strategy
+    if cfg.privacy.sampling == "poisson":
+        return s.fraction_train * n
+    return min(n, max(s.min_train_clients, math.ceil(round(s.fraction_train * n, 6))))
+
+
+def noise_multiplier(cfg: RunConfig) -> float:
+    """[privacy]'s noise multiplier, solved from ``target_epsilon`` over the run when set."""
+    from pollinate.privacy import find_noise_multiplier, local_noise_multiplier
+
+    p = cfg.privacy
+    if p.target_epsilon <= 0:
+        return p.noise_multiplier
+    if p.mode == "local":  # a client may take part in every round
+        return local_noise_multiplier(p.target_epsilon, p.delta, releases=cfg.run.rounds)
+    n, m = cfg.data.num_clients, clients_per_round(cfg)
+    z = find_noise_multiplier(
+        p.target_epsilon,
+        p.delta,
+        cfg.run.rounds,
+        sampling_probability=m / n if p.sampling == "poisson" else None,
+        sample=(int(m), n) if p.sampling == "fixed" else None,
+        accountant=p.accountant,
+    )
+    log.info(
+        "privacy: noise multiplier %.4g for ε = %g over %d rounds",
+        z,
+        p.target_epsilon,
+        cfg.run.rounds,
+    )
+    return z
+
+
+def wrap_strategy(cfg: RunConfig, strategy: Strategy) -> Strategy:
+    """``strategy`` wrapped per [privacy]: ``CentralDP``, ``LocalDPLedger``, or unchanged."""
+    from pollinate.privacy import AdaptiveClipping, CentralDP, LocalDPLedger, local_epsilon
+
+    p = cfg.privacy
+    if p.mode == "none":
+        return strategy
+    z = noise_multiplier(cfg)
+    max_epsilon = p.max_epsilon or None
+    seed = cfg.run.seed if cfg.run.deterministic else None  # reproducible noise is not secret
+    if p.mode == "local":
+        if max_epsilon is not None and local_epsilon(z, p.delta, cfg.run.rounds) > max_epsilon:
+            allowed = max(
+                r for r in range(cfg.run.rounds + 1) if local_epsilon(z, p.delta, r) <= max_epsilon
+            )
+            log.warning(
+                "privacy: max_epsilon = %g lets a client take part in %d of the %d rounds",
+                max_epsilon,
+                allowed,
+                cfg.run.rounds,
+            )
+        return LocalDPLedger(
+            strategy, noise_multiplier=z, clip=p.clip, delta=p.delta, max_epsilon=max_epsilon
+        )
+    expected = clients_per_round(cfg)
+    clip: float | AdaptiveClipping = (
+        AdaptiveClipping(p.target_quantile, p.clip_lr, initial_clip=p.clip)
+        if p.adaptive
+        else p.clip
+    )
+    wrapped = CentralDP(
+        strategy,
+        noise_multiplier=z,
+        clip=clip,
+        num_clients=cfg.data.num_clients,
+        clients_per_round=expected,
+        clip_on=p.clip_on,
+        delta=p.delta,
+        sampling=p.sampling,
+        accountant=p.accountant,
+        max_epsilon=max_epsilon,
+        min_available_clients=cfg.strategy.min_available_clients,
+        seed=seed,
+    )
+    if max_epsilon is not None:
+        allowed = wrapped.accountant.rounds_within(max_epsilon, cfg.run.rounds)
+        if allowed < cfg.run.rounds:
+            log.warning(
+                "privacy: max_epsilon = %g allows %d of the %d rounds",
+                max_epsilon,
+                allowed,
+                cfg.run.rounds,
+            )
+    _warn_small_rounds(cfg, expected)
+    return wrapped
+
+
+def _warn_small_rounds(cfg: RunConfig, expected: float) -> None:
+    """Warn when Poisson sampling often draws fewer clients than a round needs."""
+    n, k = cfg.data.num_clients, cfg.strategy.min_train_clients
+    if cfg.privacy.sampling != "poisson" or expected >= n or k <= 0:
+        return
+    q = expected / n
+    p_short = sum(math.comb(n, i) * q**i * (1 - q) ** (n - i) for i in range(min(k, n + 1)))
+    if p_short > 0.01:
+        log.warning(
+            "privacy: Poisson sampling (q = %.3g of %d clients) draws fewer than "
+            "min_train_clients = %d clients in %.1f%% of rounds, and such a round fails; "
+            "lower strategy.min_train_clients or use privacy.sampling = 'fixed'",
+            q,
+            n,
+            k,
+            100 * p_short,
+        )
+
+
+def wrap_client_fn(cfg: RunConfig, client_fn: ClientFn) -> ClientFn:
+    """``client_fn`` wrapped per [privacy]: clipping or local DP on the client."""
+    p = cfg.privacy
+    if p.mode == "central" and p.clip_on == "client":
+        from pollinate.privacy import ClientClipping
+
+        return ClientClipping(client_fn)
+    if p.mode == "local":
+        from pollinate.privacy import LocalDP
+
+        return LocalDP(
+            client_fn,
+            clip=p.clip,
+            noise_multiplier=noise_multiplier(cfg),
+            delta=p.delta,
+            seed=cfg.run.seed if cfg.run.deterministic else None,
+        )
+    return client_fn
+
+
+class _LastModel(Callback):
+    """Keeps the latest global model, for a run that stops on its privacy budget."""
+
+    def __init__(self, arrays: Arrays) -> None:
+        self.arrays = arrays
+
+    def on_round_end(self, record: dict[str, Any], arrays: Arrays) -> None:
+        self.arrays = arrays
 
 
 def run_experiment(cfg: RunConfig, quiet: bool = False) -> RunResult:
     """Run the experiment ``cfg`` describes; the run folder is ``cfg.output_dir``."""
     from pollinate.frameworks.torch import classification_app, initial_arrays, torch_evaluator
+    from pollinate.privacy.accounting import PrivacyBudgetExceeded
 
     data = build_data(cfg)
     model_fn = build_model_fn(cfg, data)
     strategy = build_strategy(cfg, torch_evaluator(model_fn, *data.server_test()))
     history = History(config=cfg.to_dict())
+    last = _LastModel(initial_arrays(model_fn, cfg.run.seed))
     callbacks = [
         ProgressDisplay(quiet=quiet),
         RunFolderWriter(cfg.output_dir, history, label_counts=data.label_counts()),
+        last,
     ]
     sim = cfg.simulation
-    return simulate(
-        classification_app(model_fn, data),
-        num_clients=data.num_clients,
-        strategy=strategy,
-        initial_arrays=initial_arrays(model_fn, cfg.run.seed),
-        rounds=cfg.run.rounds,
-        backend=sim.backend,
-        workers=sim.workers,
-        threads_per_worker=sim.threads_per_worker,
-        ray_address=sim.ray_address,
-        seed=cfg.run.seed,
-        deterministic=cfg.run.deterministic,
-        cost_fn=_ExampleCost(data),
-        callbacks=callbacks,
-        history=history,
-    )
+    try:
+        return simulate(
+            wrap_client_fn(cfg, classification_app(model_fn, data)),
+            num_clients=data.num_clients,
+            strategy=strategy,
+            initial_arrays=last.arrays,
+            rounds=cfg.run.rounds,
+            backend=sim.backend,
+            workers=sim.workers,
+            threads_per_worker=sim.threads_per_worker,
+            ray_address=sim.ray_address,
+            seed=cfg.run.seed,
+            deterministic=cfg.run.deterministic,
+            cost_fn=_ExampleCost(data),
+            callbacks=callbacks,
+            history=history,
+        )
+    except PrivacyBudgetExceeded as exc:  # a clean stop: the completed rounds are saved
+        log.warning("%s; the completed rounds are in %s", exc, cfg.output_dir)
+        return RunResult(history, last.arrays)

@@ -230,6 +230,8 @@ def make_record(
             entry = clients.setdefault(str(cid), {})
             entry["evaluate"] = {"loss": float(loss), **to_python_scalars(metrics)}
     record["clients"] = clients
+    if train.privacy is not None:
+        record["privacy"] = to_python_scalars(train.privacy)
     record["failures"] = [
         {"client_id": f.client_id, "task": f.task, "kind": f.kind, "reason": f.reason}
         for f in failures

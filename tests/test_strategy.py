@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from pollinate.errors import ConfigError, RoundFailedError
+from pollinate.privacy import CentralDP
 from pollinate.strategy.base import Strategy
 from pollinate.strategy.fedavg import FedAvg
 from pollinate.types import Arrays, EvaluateIns, EvaluateRes, Outcome, TrainIns, TrainRes
@@ -18,6 +19,15 @@ from pollinate.types import Arrays, EvaluateIns, EvaluateRes, Outcome, TrainIns,
 # minimum client counts; the strategy must accept a round with that many clients.
 STRATEGIES: dict[str, Callable[..., Strategy]] = {
     "fedavg": lambda **kw: FedAvg(seed=7, **kw),
+    # DP-FedAvg around FedAvg; no noise, so that unchanged updates leave the model unchanged
+    "central_dp": lambda **kw: CentralDP(
+        FedAvg(seed=7, **kw),
+        noise_multiplier=0.0,
+        clip=10.0,
+        num_clients=20,
+        clients_per_round=20,
+        seed=7,
+    ),
 }
 
 

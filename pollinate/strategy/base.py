@@ -6,6 +6,7 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from pollinate.types import Arrays, ClientId, EvaluateIns, Metrics, Outcome, TrainIns
 
@@ -31,6 +32,7 @@ class TrainSummary:
     clients: int
     failures: list[Failure] = field(default_factory=list)
     per_client: dict[ClientId, tuple[int, Metrics]] = field(default_factory=dict)
+    privacy: dict[str, Any] | None = None  # ε, δ … when a DP wrapper produced the model
 
 
 @dataclass(frozen=True)
