@@ -39,12 +39,11 @@ from pollinate.privacy.accounting import (
     PrivacyError,
 )
 from pollinate.strategy.aggregate import check_update
-from pollinate.strategy.base import EvaluateSummary, Failure, Strategy, TrainSummary
+from pollinate.strategy.base import Failure, Strategy, StrategyWrapper, TrainSummary
 from pollinate.types import (
     Arrays,
     ClientId,
     Config,
-    EvaluateIns,
     EvaluateRes,
     Metrics,
     Outcome,
@@ -242,7 +241,7 @@ def _acceptable(outcome: Outcome, template: Arrays) -> bool:
     )
 
 
-class CentralDP(Strategy):
+class CentralDP(StrategyWrapper):
     """DP-FedAvg (McMahan, Ramage, Talwar & Zhang 2018, arXiv:1710.06963) around any strategy.
 
     Each round, with global model ``w``, clip C, noise multiplier z:
@@ -323,7 +322,7 @@ class CentralDP(Strategy):
             if not (clip > 0 and math.isfinite(clip)):
                 raise ConfigError(f"clip must be > 0, got {clip}")
             self.adaptive, self.clip = None, float(clip)
-        self.strategy = strategy
+        super().__init__(strategy)
         self.noise_multiplier = float(noise_multiplier)
         self.num_clients = int(num_clients)
         self.clients_per_round = float(clients_per_round)
@@ -332,7 +331,6 @@ class CentralDP(Strategy):
         self.max_epsilon = max_epsilon
         self.min_available_clients = min_available_clients
         self.seed = seed
-        self.round_timeout_s = strategy.round_timeout_s
         self.accountant = PrivacyAccountant(
             noise_multiplier,
             delta=delta,
@@ -490,19 +488,6 @@ class CentralDP(Strategy):
         return Failure(outcome.client_id, "train", f"update rejected: {why}{hint}", "rejected")
 
     # 4. evaluation: the wrapped strategy's -----------------------------------------------
-
-    def configure_evaluate(
-        self, round_number: int, arrays: Arrays, clients: Sequence[ClientId]
-    ) -> list[tuple[ClientId, EvaluateIns]]:
-        return self.strategy.configure_evaluate(round_number, arrays, clients)
-
-    def aggregate_evaluate(
-        self, round_number: int, outcomes: Iterable[Outcome]
-    ) -> EvaluateSummary | None:
-        return self.strategy.aggregate_evaluate(round_number, outcomes)
-
-    def evaluate(self, round_number: int, arrays: Arrays) -> tuple[float, Metrics] | None:
-        return self.strategy.evaluate(round_number, arrays)
 
 
 class ClientClipping:

@@ -28,12 +28,11 @@ from pollinate.client import Client, ClientContext, ClientFn
 from pollinate.errors import ConfigError
 from pollinate.privacy.accounting import PrivacyBudgetExceeded, load_dp_accounting
 from pollinate.privacy.dp import clip_update, is_private
-from pollinate.strategy.base import EvaluateSummary, Failure, Strategy, TrainSummary
+from pollinate.strategy.base import Failure, Strategy, StrategyWrapper, TrainSummary
 from pollinate.types import (
     Arrays,
     ClientId,
     Config,
-    EvaluateIns,
     EvaluateRes,
     Metrics,
     Outcome,
@@ -169,7 +168,7 @@ class LocalDP:
         return self._client().evaluate(arrays, config)
 
 
-class LocalDPLedger(Strategy):
+class LocalDPLedger(StrategyWrapper):
     """The server's side of local DP: wraps any strategy, checks and records the mechanism.
 
     Updates that do not report at least the configured noise multiplier, or report a larger
@@ -191,12 +190,11 @@ class LocalDPLedger(Strategy):
     ) -> None:
         if max_epsilon is not None and not max_epsilon > 0:
             raise ConfigError(f"max_epsilon must be > 0 (or None: no limit), got {max_epsilon}")
-        self.strategy = strategy
+        super().__init__(strategy)
         self.noise_multiplier = float(noise_multiplier)
         self.clip = float(clip)
         self.delta = float(delta)
         self.max_epsilon = max_epsilon
-        self.round_timeout_s = strategy.round_timeout_s
         self.releases: dict[ClientId, int] = {}
         self._epsilon: dict[int, float] = {}
 
@@ -268,16 +266,3 @@ class LocalDPLedger(Strategy):
         return dataclasses.replace(
             summary, failures=[*summary.failures, *rejected], privacy=privacy
         )
-
-    def configure_evaluate(
-        self, round_number: int, arrays: Arrays, clients: Sequence[ClientId]
-    ) -> list[tuple[ClientId, EvaluateIns]]:
-        return self.strategy.configure_evaluate(round_number, arrays, clients)
-
-    def aggregate_evaluate(
-        self, round_number: int, outcomes: Iterable[Outcome]
-    ) -> EvaluateSummary | None:
-        return self.strategy.aggregate_evaluate(round_number, outcomes)
-
-    def evaluate(self, round_number: int, arrays: Arrays) -> tuple[float, Metrics] | None:
-        return self.strategy.evaluate(round_number, arrays)

@@ -79,3 +79,35 @@ class Strategy(ABC):
     def evaluate(self, round_number: int, arrays: Arrays) -> tuple[float, Metrics] | None:
         """Centralized evaluation on server-side data (None when there is none)."""
         return None
+
+
+class StrategyWrapper(Strategy):
+    """A strategy around another one (privacy wraps, it does not fork): every step is the
+    wrapped strategy's until a subclass overrides it."""
+
+    def __init__(self, strategy: Strategy) -> None:
+        self.strategy = strategy
+        self.round_timeout_s = strategy.round_timeout_s
+
+    def configure_train(
+        self, round_number: int, arrays: Arrays, clients: Sequence[ClientId]
+    ) -> list[tuple[ClientId, TrainIns]]:
+        return self.strategy.configure_train(round_number, arrays, clients)
+
+    def aggregate_train(
+        self, round_number: int, arrays: Arrays, outcomes: Iterable[Outcome]
+    ) -> TrainSummary:
+        return self.strategy.aggregate_train(round_number, arrays, outcomes)
+
+    def configure_evaluate(
+        self, round_number: int, arrays: Arrays, clients: Sequence[ClientId]
+    ) -> list[tuple[ClientId, EvaluateIns]]:
+        return self.strategy.configure_evaluate(round_number, arrays, clients)
+
+    def aggregate_evaluate(
+        self, round_number: int, outcomes: Iterable[Outcome]
+    ) -> EvaluateSummary | None:
+        return self.strategy.aggregate_evaluate(round_number, outcomes)
+
+    def evaluate(self, round_number: int, arrays: Arrays) -> tuple[float, Metrics] | None:
+        return self.strategy.evaluate(round_number, arrays)
