@@ -34,35 +34,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from pollinate.client import ClientContext  # noqa: E402
-from pollinate.types import Arrays, Config, EvaluateRes, TrainRes  # noqa: E402
+from deploy_common import (  # noqa: E402 - also puts the repository on sys.path
+    LightClientFn,
+    spawn,
+    stop_process,
+)
 
 WAIT_S = 180.0  # bound on any single wait
 
 
 # --- the clients (module level: the client processes import them) -------------------------------
-
-
-class LightClient:
-    """Client ``i`` holds ``i + 1`` examples; training adds ``i`` to every parameter."""
-
-    def __init__(self, cid: int) -> None:
-        self.cid = cid
-
-    def train(self, arrays: Arrays, config: Config) -> TrainRes:
-        return TrainRes([a + np.float32(self.cid) for a in arrays], num_examples=self.cid + 1)
-
-    def evaluate(self, arrays: Arrays, config: Config) -> EvaluateRes:
-        return EvaluateRes(float(np.abs(arrays[0] - self.cid).mean()), num_examples=self.cid + 1)
-
-
-def light_client_fn(ctx: ClientContext) -> LightClient:
-    return LightClient(ctx.client_id)
 
 
 # --- /proc ----------------------------------------------------------------------------------
@@ -194,7 +175,7 @@ def clients_main(address: str, first: int, count: int) -> None:
     threads = [
         threading.Thread(
             target=run_client,
-            args=(address, light_client_fn, cid),
+            args=(address, LightClientFn(), cid),
             kwargs={"stop_event": stop, "backoff": Backoff(0.1, 2.0, 2.0), "max_retries": 30},
             daemon=True,
         )
@@ -218,31 +199,6 @@ def clients_main(address: str, first: int, count: int) -> None:
 
 
 # --- the parent ---------------------------------------------------------------------------------
-
-
-def spawn(*args: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), *args],
-        cwd=REPO,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        env=env,
-        text=True,
-    )
-
-
-def stop_process(proc: subprocess.Popen[str]) -> None:
-    try:
-        if proc.stdin is not None:
-            proc.stdin.close()
-    except OSError:
-        pass
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
 
 
 def read_json_line(proc: subprocess.Popen[str], what: str) -> dict[str, Any]:
@@ -294,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         f"({mb(args.params * 4)})"
     )
     server = spawn(
+        __file__,
         "--role",
         "server",
         "--clients",
@@ -311,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         for first in range(0, n, per):
             count = min(per, n - first)
-            children.append(spawn("--role", "clients", "--address", address, "--first",
+            children.append(spawn(__file__, "--role", "clients", "--address", address, "--first",
                                   str(first), "--count", str(count)))  # fmt: skip
         report = read_json_line(server, "report")
         elapsed = time.perf_counter() - start

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,44 +36,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from deploy_common import (  # noqa: E402 - also puts the repository on sys.path
+    LightClientFn,
+    machine_line,
+    spawn,
+    stop_process,
+)
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from pollinate.client import ClientContext  # noqa: E402
 from pollinate.server import Callback  # noqa: E402
-from pollinate.types import Arrays, Config, EvaluateRes, TrainRes  # noqa: E402
+from pollinate.types import Arrays  # noqa: E402
 
 WAIT_S = 120.0  # bound on any single wait
 
 
 # --- the clients (module level: they pickle, and the client processes import them) ----------
-
-
-class LightClient:
-    """Client ``i`` holds ``i + 1`` examples; training adds ``i`` to every parameter."""
-
-    def __init__(self, cid: int) -> None:
-        self.cid = cid
-
-    def train(self, arrays: Arrays, config: Config) -> TrainRes:
-        return TrainRes(
-            [a + np.float32(self.cid) for a in arrays],
-            num_examples=self.cid + 1,
-            metrics={"loss": float(self.cid)},
-        )
-
-    def evaluate(self, arrays: Arrays, config: Config) -> EvaluateRes:
-        loss = float(np.abs(arrays[0] - self.cid).mean())
-        return EvaluateRes(loss, num_examples=self.cid + 1)
-
-
-class LightClientFn:
-    """Picklable ``client_fn`` building ``LightClient``s."""
-
-    def __call__(self, ctx: ClientContext) -> LightClient:
-        return LightClient(ctx.client_id)
 
 
 def initial_model(params: int) -> Arrays:
@@ -163,41 +138,8 @@ def clients_main(address: str, first: int, count: int) -> None:
 
 
 def spawn_clients(address: str, first: int, count: int) -> subprocess.Popen[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "--role",
-            "clients",
-            "--address",
-            address,
-            "--first",
-            str(first),
-            "--count",
-            str(count),
-        ],
-        cwd=REPO,
-        stdin=subprocess.PIPE,
-        env=env,
-        text=True,
-    )
-
-
-def stop_process(proc: subprocess.Popen[str]) -> None:
-    try:
-        if proc.stdin is not None:
-            proc.stdin.close()
-    except OSError:
-        pass
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
-
-
-# --- the two runs -----------------------------------------------------------------------------
+    args = ["--role", "clients", "--address", address, "--first", str(first), "--count", str(count)]
+    return spawn(__file__, *args, capture=False)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -266,14 +208,6 @@ def run_simulation(
         callbacks=[timer],
     )
     return timer.seconds, result.arrays, {"process": time.process_time() - cpu}
-
-
-def machine_line() -> str:
-    load = os.getloadavg()
-    return (
-        f"{platform.node()}: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-        f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
-    )
 
 
 def per_round(seconds: list[float]) -> float:

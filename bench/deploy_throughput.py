@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
-import os
-import platform
 import socket
 import statistics
 import struct
@@ -41,10 +39,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from deploy_common import (  # noqa: E402 - also puts the repository on sys.path
+    machine_line,
+    spawn,
+    stop_process,
+)
 
 from pollinate.client import ClientContext  # noqa: E402
 from pollinate.types import Arrays, Config, EvaluateRes, TrainIns, TrainRes  # noqa: E402
@@ -143,31 +142,6 @@ def message_bytes(chunk_bytes: int) -> int:
     return max(DEFAULT_MAX_MESSAGE_BYTES, chunk_bytes + MESSAGE_OVERHEAD)
 
 
-def spawn(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), *args],
-        cwd=REPO,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-
-
-def stop_process(proc: subprocess.Popen[str] | None) -> None:
-    if proc is None:
-        return
-    try:
-        if proc.stdin is not None:
-            proc.stdin.close()
-    except OSError:
-        pass
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
-
-
 def arrays_digest(arrays: Arrays) -> str:
     h = hashlib.sha256()
     for a in arrays:
@@ -183,14 +157,6 @@ def make_model(total_bytes: int, seed: int = 0) -> Arrays:
     rng = np.random.default_rng(seed)
     n = total_bytes // 4 // N_ARRAYS
     return [rng.standard_normal(n, dtype=np.float32) for _ in range(N_ARRAYS)]
-
-
-def machine_line() -> str:
-    load = os.getloadavg()
-    return (
-        f"{platform.node()}: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-        f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
-    )
 
 
 class GrpcPath:
@@ -219,6 +185,7 @@ class GrpcPath:
         self.proc: subprocess.Popen[str] | None = None
         self.round = 0
         self.proc = spawn(
+            __file__,
             "--role",
             "client",
             "--address",
@@ -254,7 +221,7 @@ class RawPath:
     """A loopback TCP connection to an echo process."""
 
     def __init__(self) -> None:
-        self.proc: subprocess.Popen[str] | None = spawn("--role", "echo")
+        self.proc: subprocess.Popen[str] | None = spawn(__file__, "--role", "echo")
         assert self.proc.stdout is not None
         port = int(self.proc.stdout.readline())
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT_S)
