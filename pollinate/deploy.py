@@ -113,7 +113,11 @@ def serve(
         arrays = saved if saved is not None else initial_arrays(model_fn, cfg.run.seed)
         history = History(config=cfg.to_dict(), rounds=list(records))
         if last >= cfg.run.rounds:
-            log.warning("run %s already finished all %d rounds", state.run_id, last)
+            print(  # not a log line: -q must not hide why the server exits at once
+                f"pollinate server {state.run_id[:8]}: the run already finished all {last} "
+                f"rounds; nothing to do (--fresh starts a new run)",
+                flush=True,
+            )
             RunFolderWriter(cfg.output_dir, history).on_run_end(history, None)
             return RunResult(history, arrays)
         verifier = None

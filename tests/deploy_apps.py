@@ -38,6 +38,28 @@ class _Sleepy:
         return result
 
 
+class _Gated(_Sleepy):
+    """The config's classification client, but one round's training waits for a file."""
+
+    def __init__(self, inner: Any, gate_round: int, gate: str) -> None:
+        super().__init__(inner, 0)
+        self.gate_round, self.gate = gate_round, gate
+
+    def train(self, arrays: Arrays, config: Config) -> TrainRes:
+        if config.get("round") == self.gate_round:
+            print(f"waiting at the gate in round {self.gate_round}", flush=True)
+            while not os.path.exists(self.gate):
+                time.sleep(0.1)
+        return super().train(arrays, config)
+
+
+def gated(ctx: ClientContext) -> _Gated:
+    """Holds round ``POLLINATE_GATE_ROUND`` until ``POLLINATE_GATE_FILE`` exists, so a test
+    can act while the server is certainly in that round."""
+    inner = _inner(ctx.client_id)(ctx)
+    return _Gated(inner, int(os.environ["POLLINATE_GATE_ROUND"]), os.environ["POLLINATE_GATE_FILE"])
+
+
 def sleepy(ctx: ClientContext) -> _Sleepy:
     """Stalls in round ``POLLINATE_SLEEP_ROUND`` (0: never) so a test can kill it mid-round."""
     inner = _inner(ctx.client_id)(ctx)

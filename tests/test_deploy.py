@@ -217,19 +217,31 @@ def test_server_killed_after_round_2_resumes(cluster: Cluster) -> None:
     write_config(folder, rounds=5, clients=3)
     port = free_port()
     server = cluster.start("server", *server_args(port))
-    for i in range(3):
+    for i in range(1, 3):
         cluster.start(f"client{i}", *client_args(port, i))
-    wait_until(lambda: rounds_done(folder) >= 2, 180, "round 2")
+    # client 0 holds round 3 until the gate file exists: the kill lands mid-run, however
+    # fast the rounds are
+    gate = folder / "gate"
+    app = ["client", "--server", f"127.0.0.1:{port}", "--app", "deploy_apps:gated"]
+    app += ["--client-id", "0", "--certs", "certs"]
+    cluster.start(
+        "client0", *app, env={"POLLINATE_GATE_ROUND": "3", "POLLINATE_GATE_FILE": str(gate)}
+    )
+    wait_until(lambda: "gate in round 3" in cluster.log("client0"), 180, "round 3")
+    assert rounds_done(folder) == 2
     server.send_signal(signal.SIGKILL)
     server.wait(timeout=30)
+    gate.touch()
     restarted = cluster.start("server-again", *server_args(port))
     assert restarted.wait(timeout=300) == 0, cluster.log("server-again")
-    assert "resuming after round" in cluster.log("server-again")
+    assert "resuming after round 2" in cluster.log("server-again")
     history = json.loads((folder / "runs/deployed/history.json").read_text())
     assert [r["round"] for r in history["rounds"]] == [1, 2, 3, 4, 5]
     deployed, meta = load_checkpoint(folder / "runs/deployed/checkpoints/last.npz")
     assert meta["round"] == 5
     assert_same_model(deployed, simulated(folder))
+    again = cluster.cli(*server_args(port))  # a finished run says so, even with -q
+    assert again.returncode == 0 and "already finished all 5 rounds" in again.stdout
 
 
 def test_unknown_client_and_wrong_ca_are_refused(cluster: Cluster) -> None:
