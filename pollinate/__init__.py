@@ -6,6 +6,7 @@ The public API is listed in ``__all__``; framework adapters live in ``pollinate.
 
 from pollinate.callbacks import ProgressDisplay, RunFolderWriter, load_checkpoint
 from pollinate.client import (
+    AnalyticsClient,
     Client,
     ClientContext,
     ClientFn,
@@ -35,6 +36,8 @@ from pollinate.types import (
     EvaluateIns,
     EvaluateRes,
     Metrics,
+    QueryIns,
+    QueryRes,
     TrainIns,
     TrainRes,
 )
@@ -42,6 +45,7 @@ from pollinate.types import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AnalyticsClient",
     "Arrays",
     "BackendError",
     "Callback",
@@ -62,6 +66,8 @@ __all__ = [
     "MissingDependencyError",
     "PollinateError",
     "ProgressDisplay",
+    "QueryIns",
+    "QueryRes",
     "RoundFailedError",
     "RunConfig",
     "RunFolderWriter",

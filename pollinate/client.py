@@ -1,7 +1,8 @@
 """The client side: what runs where the data lives.
 
-A *client* answers three tasks: ``train`` (local training), ``evaluate`` (federated
-evaluation) and ``query`` (federated analytics; reserved). The engine never keeps client
+A *client* answers up to three tasks: ``train`` (local training), ``evaluate`` (federated
+evaluation) and, for federated analytics, ``query`` (local sums over its data; see
+``AnalyticsClient``). The engine never keeps client
 objects between tasks: for every task it calls the user's ``client_fn(context)``, which
 builds a light ``Client`` bound to that client's data. Heavy objects (the model) are built
 once per worker and reused through ``context.worker``; state that a stateful algorithm keeps
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from pollinate.types import Arrays, ClientId, Config, EvaluateRes, TrainRes
+from pollinate.types import Arrays, ClientId, Config, EvaluateRes, QueryRes, TrainRes
 
 
 @runtime_checkable
@@ -31,6 +32,15 @@ class Client(Protocol):
         ...
 
 
+@runtime_checkable
+class AnalyticsClient(Protocol):
+    """A data holder that answers federated analytics queries (``pollinate.analytics``)."""
+
+    def query(self, arrays: Arrays, config: Config) -> QueryRes:
+        """Compute local sums for the query in ``config``; raise to refuse it."""
+        ...
+
+
 @dataclass
 class ClientContext:
     """What ``client_fn`` gets to build the client for one task."""
@@ -41,7 +51,7 @@ class ClientContext:
     worker: dict[str, Any] = field(default_factory=dict)  # per-worker cache (build once)
 
 
-ClientFn = Callable[[ClientContext], Client]
+ClientFn = Callable[[ClientContext], Any]  # a Client and/or an AnalyticsClient
 
 
 class StateStore(Protocol):

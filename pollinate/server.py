@@ -24,11 +24,10 @@ from pollinate.strategy.base import EvaluateSummary, Failure, Strategy, TrainSum
 from pollinate.types import (
     Arrays,
     ClientId,
-    EvaluateIns,
+    Instructions,
     Metrics,
     Outcome,
     TaskKind,
-    TrainIns,
     to_python_scalars,
 )
 
@@ -40,7 +39,7 @@ class Executor(Protocol):
         self,
         round_number: int,
         kind: TaskKind,
-        plan: Sequence[tuple[ClientId, TrainIns | EvaluateIns]],
+        plan: Sequence[tuple[ClientId, Instructions]],
         timeout_s: float,
     ) -> Iterator[Outcome]: ...
 

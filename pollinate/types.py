@@ -19,7 +19,8 @@ Arrays = list[np.ndarray]
 Config = dict[str, Scalar]
 Metrics = dict[str, Scalar]
 ClientId = int
-TaskKind = Literal["train", "evaluate"]
+TaskKind = Literal["train", "evaluate", "query"]
+TASK_KINDS: tuple[TaskKind, ...] = ("train", "evaluate", "query")
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,31 @@ class EvaluateRes:
 
 
 @dataclass(frozen=True)
+class QueryIns:
+    """What a client receives for federated analytics: the query in its config, and any
+    arrays the query needs (usually none)."""
+
+    arrays: Arrays
+    config: Config = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class QueryRes:
+    """What a query returns: local sums as Arrays (the server only ever adds them up), the
+    number of rows they rest on, and metrics."""
+
+    arrays: Arrays
+    num_examples: int
+    metrics: Metrics = field(default_factory=dict)
+
+
+#: what a task carries to a client, by kind
+Instructions = Union[TrainIns, EvaluateIns, QueryIns]
+#: the result type each task kind must return
+RESULT_TYPES: dict[str, type] = {"train": TrainRes, "evaluate": EvaluateRes, "query": QueryRes}
+
+
+@dataclass(frozen=True)
 class Task:
     """One unit of work for one client, as the engine hands it to a backend."""
 
@@ -73,7 +99,7 @@ class Outcome:
 
     client_id: ClientId
     kind: TaskKind
-    result: TrainRes | EvaluateRes | None = None
+    result: TrainRes | EvaluateRes | QueryRes | None = None
     error: str | None = None  # short reason; the traceback goes to the log
     seconds: float = 0.0
     state: dict[str, Any] | None = None  # the client's state after the task, to save

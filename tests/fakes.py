@@ -8,7 +8,7 @@ import time
 import numpy as np
 
 from pollinate.client import ClientContext
-from pollinate.types import Arrays, Config, EvaluateRes, TrainRes
+from pollinate.types import Arrays, Config, EvaluateRes, QueryRes, TrainRes
 
 
 class MeanClient:
@@ -56,6 +56,14 @@ class MeanClient:
             raise RuntimeError("boom")
         loss = float(np.abs(arrays[0] - self.cid).mean())
         return EvaluateRes(loss, num_examples=self.cid + 1, metrics={"accuracy": 1.0 / (1 + loss)})
+
+    def query(self, arrays: Arrays, config: Config) -> QueryRes:
+        """Local sums of the client's data (``cid + 1`` values ``cid``): [n, Σx, Σx²]."""
+        if self.behaviour == "raise":
+            raise RuntimeError("refused")
+        n = self.cid + 1
+        sums = np.array([n, n * self.cid, n * self.cid**2], dtype=np.float64)
+        return QueryRes([sums * float(config.get("scale", 1.0))], num_examples=n)
 
 
 class MeanClientFn:

@@ -14,7 +14,7 @@ import pytest
 from pollinate.simulation import make_backend, simulate
 from pollinate.simulation.backends.base import Backend, longest_first
 from pollinate.strategy.fedavg import FedAvg
-from pollinate.types import Outcome, Task, TrainRes
+from pollinate.types import Outcome, QueryRes, Task, TrainRes
 from tests.fakes import MeanClientFn, cache_client_fn, initial
 
 BACKENDS = ["sequential", "process", pytest.param("ray", marks=pytest.mark.slow)]
@@ -112,6 +112,25 @@ def test_one_correct_outcome_per_task(name: str, started: Any) -> None:
             assert o.result.loss == pytest.approx(abs(2.0 - cid))
             assert o.result.num_examples == cid + 1
     assert arrays[0][0, 0] == 2.0  # the caller's arrays are left alone
+
+
+def test_query_tasks_return_local_sums(name: str, started: Any) -> None:
+    backend = started(name, MeanClientFn({3: "raise"}))
+    outcomes = list(backend.run([], _tasks(range(5), "query", scale=2.0), time.monotonic() + 60))
+    by_id = {o.client_id: o for o in outcomes}
+    assert sorted(by_id) == list(range(5))
+    assert "refused" in (by_id[3].error or "")
+    for cid in (0, 1, 2, 4):
+        res = by_id[cid].result
+        assert isinstance(res, QueryRes) and res.num_examples == cid + 1
+        n = cid + 1
+        np.testing.assert_array_equal(res.arrays[0], [2 * n, 2 * n * cid, 2 * n * cid**2])
+
+
+def test_a_client_without_query_fails_its_query_task(name: str, started: Any) -> None:
+    backend = started(name, cache_client_fn)
+    (outcome,) = backend.run([], _tasks([0], "query"), time.monotonic() + 60)
+    assert outcome.error is not None and "has no query method" in outcome.error
 
 
 def test_run_twice_on_one_backend(name: str, started: Any) -> None:

@@ -48,7 +48,15 @@ from pollinate.transport.grpc.codec import (
     to_signed,
 )
 from pollinate.transport.grpc.server import FleetServer, GrpcExecutor
-from pollinate.types import EvaluateIns, EvaluateRes, Outcome, TrainIns, TrainRes
+from pollinate.types import (
+    EvaluateIns,
+    EvaluateRes,
+    Outcome,
+    QueryIns,
+    QueryRes,
+    TrainIns,
+    TrainRes,
+)
 from tests.fakes import MeanClientFn, initial
 
 FAST = Backoff(initial_s=0.05, factor=2.0, max_s=0.5)
@@ -286,6 +294,21 @@ def test_train_and_evaluate_round_trip(started) -> None:
         assert res.metrics == {"accuracy": 1.0 / (1 + cid)}
     status = fleet.status()
     assert status["connected"] == [0, 1, 2] and status["tasks_in_flight"] == 0
+
+
+def test_query_round_trip(started) -> None:
+    fleet = serve(started)
+    clients(started, fleet, [0, 1, 2], MeanClientFn({2: "raise"}))
+    executor = GrpcExecutor(fleet)
+    plan = [(cid, QueryIns([], {"scale": 3.0})) for cid in (0, 1, 2)]
+    outcomes = by_id(executor.submit(1, "query", plan, WAIT))
+    assert outcomes[2].error == "RuntimeError: refused"  # a refusal's reason reaches the server
+    for cid in (0, 1):
+        res = outcomes[cid].result
+        assert isinstance(res, QueryRes) and res.num_examples == cid + 1
+        n = cid + 1
+        np.testing.assert_array_equal(res.arrays[0], [3 * n, 3 * n * cid, 3 * n * cid**2])
+        assert res.arrays[0].dtype == np.float64
 
 
 def test_client_errors_are_failed_outcomes_and_state_persists(started) -> None:

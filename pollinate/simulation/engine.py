@@ -11,7 +11,7 @@ from pollinate.errors import ConfigError
 from pollinate.server import Callback, History, RunResult, in_order, run
 from pollinate.simulation.backends.base import Backend
 from pollinate.strategy.base import Strategy
-from pollinate.types import Arrays, ClientId, EvaluateIns, Outcome, Task, TaskKind, TrainIns
+from pollinate.types import Arrays, ClientId, Instructions, Outcome, Task, TaskKind
 
 log = logging.getLogger("pollinate")
 
@@ -67,7 +67,7 @@ class SimulationExecutor:
         self,
         round_number: int,
         kind: TaskKind,
-        plan: Sequence[tuple[ClientId, TrainIns | EvaluateIns]],
+        plan: Sequence[tuple[ClientId, Instructions]],
         timeout_s: float,
     ) -> Iterator[Outcome]:
         deadline = time.monotonic() + timeout_s
@@ -77,7 +77,7 @@ class SimulationExecutor:
         self,
         round_number: int,
         kind: TaskKind,
-        plan: Sequence[tuple[ClientId, TrainIns | EvaluateIns]],
+        plan: Sequence[tuple[ClientId, Instructions]],
         deadline: float,
     ) -> Iterator[Outcome]:
         # clients given the same arrays object (the usual case) share one broadcast

@@ -80,6 +80,13 @@ def execute_task(
             result: Any = client.train(arrays, task.config)
         elif task.kind == "evaluate":
             result = client.evaluate(arrays, task.config)
+        elif task.kind == "query":
+            if not callable(getattr(client, "query", None)):
+                raise TypeError(
+                    f"{type(client).__name__} has no query method: federated analytics needs "
+                    "clients that answer queries (see pollinate.analytics)"
+                )
+            result = client.query(arrays, task.config)
         else:
             raise ValueError(f"unknown task kind {task.kind!r}")
     except Exception as exc:  # a client's fault is recorded, never fatal

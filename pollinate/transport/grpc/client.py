@@ -44,7 +44,18 @@ from pollinate.transport.grpc.codec import (
     result_digest,
     to_signed,
 )
-from pollinate.types import Arrays, Config, EvaluateRes, Outcome, Task, TaskKind, TrainRes
+from pollinate.types import (
+    RESULT_TYPES,
+    TASK_KINDS,
+    Arrays,
+    Config,
+    EvaluateRes,
+    Outcome,
+    QueryRes,
+    Task,
+    TaskKind,
+    TrainRes,
+)
 
 try:
     import grpc
@@ -438,7 +449,7 @@ class _Session:
     def _on_task(self, task: pb.Task) -> None:
         if task.task_id in self.incoming:
             raise ProtocolError(f"task {task.task_id!r} sent twice")
-        if task.kind not in ("train", "evaluate"):
+        if task.kind not in TASK_KINDS:
             self._refuse(task, f"unknown task kind {task.kind!r}")
             return
         try:
@@ -465,7 +476,7 @@ class _Session:
             return
         del self.incoming[chunk.task_id]
         arrays = decode(assembler.result(), self.max_payload_bytes, writeable=True)
-        kind: TaskKind = "train" if task.kind == "train" else "evaluate"
+        kind = next(k for k in TASK_KINDS if k == task.kind)
         self.worker.submit(self, task.task_id, kind, config, arrays)
 
     def _refuse(self, task: pb.Task, reason: str) -> None:
@@ -506,8 +517,10 @@ class _Session:
         return True
 
     def _fill(self, res: pb.Result, kind: TaskKind, result: object) -> Payload | None:
-        expected = TrainRes if kind == "train" else EvaluateRes
-        if not isinstance(result, expected):
+        expected = RESULT_TYPES[kind]
+        if not isinstance(result, expected) or not isinstance(
+            result, (TrainRes, EvaluateRes, QueryRes)
+        ):
             raise TypeError(
                 f"{kind} returned {type(result).__name__}, expected {expected.__name__}"
             )
@@ -519,7 +532,7 @@ class _Session:
         if isinstance(result, EvaluateRes):
             res.loss = float(result.loss)
             return None
-        payload = encode(list(result.arrays), self.chunk_bytes)
+        payload = encode(list(result.arrays), self.chunk_bytes)  # TrainRes | QueryRes
         if self.server_max_payload and payload.size > self.server_max_payload:
             raise ValueError(
                 f"the trained Arrays take {payload.size} bytes, more than the server accepts "

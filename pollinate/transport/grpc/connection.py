@@ -28,7 +28,7 @@ from pollinate.transport.grpc.codec import (
     loads_scalars,
     result_digest,
 )
-from pollinate.types import ClientId, EvaluateRes, Metrics, Outcome, TaskKind, TrainRes
+from pollinate.types import ClientId, EvaluateRes, Metrics, Outcome, QueryRes, TaskKind, TrainRes
 
 if TYPE_CHECKING:
     import grpc
@@ -285,8 +285,8 @@ class Connection:
         if not res.ok or kind == "evaluate":
             if res.payload_size:
                 raise ProtocolError(f"task {tid!r}: a failed or evaluate result carries no Arrays")
-        elif kind == "train" and not res.payload_size:
-            raise ProtocolError(f"task {tid!r}: a train result must carry Arrays")
+        elif kind in ("train", "query") and not res.payload_size:
+            raise ProtocolError(f"task {tid!r}: a {kind} result must carry Arrays")
         if res.payload_size:
             assembler = Assembler(
                 f"result of task {tid!r}",
@@ -322,10 +322,11 @@ class Connection:
         arrays = decode(incoming.assembler.result(), self.fleet.max_payload_bytes)
         self.tasks.pop(pending.task_id, None)
         res = incoming.header
-        pending.finish(self._outcome(pending, TrainRes(arrays, res.num_examples, incoming.metrics)))
+        kind = QueryRes if pending.kind == "query" else TrainRes
+        pending.finish(self._outcome(pending, kind(arrays, res.num_examples, incoming.metrics)))
 
     @staticmethod
-    def _outcome(pending: Pending, result: TrainRes | EvaluateRes) -> Outcome:
+    def _outcome(pending: Pending, result: TrainRes | EvaluateRes | QueryRes) -> Outcome:
         seconds = time.monotonic() - pending.sent_at
         return Outcome(pending.client_id, pending.kind, result=result, seconds=seconds)
 

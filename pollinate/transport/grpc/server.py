@@ -57,10 +57,9 @@ from pollinate.transport.grpc.connection import (
 from pollinate.types import (
     ClientId,
     Config,
-    EvaluateIns,
+    Instructions,
     Outcome,
     TaskKind,
-    TrainIns,
 )
 
 log = logging.getLogger("pollinate")
@@ -430,7 +429,7 @@ class GrpcExecutor:
         self,
         round_number: int,
         kind: TaskKind,
-        plan: Sequence[tuple[ClientId, TrainIns | EvaluateIns]],
+        plan: Sequence[tuple[ClientId, Instructions]],
         timeout_s: float,
     ) -> Iterator[Outcome]:
         stream = self._stream(round_number, kind, plan, time.monotonic() + timeout_s)
@@ -440,7 +439,7 @@ class GrpcExecutor:
         self,
         round_number: int,
         kind: TaskKind,
-        plan: Sequence[tuple[ClientId, TrainIns | EvaluateIns]],
+        plan: Sequence[tuple[ClientId, Instructions]],
         deadline: float,
     ) -> Iterator[Outcome]:
         self.fleet.round = round_number
