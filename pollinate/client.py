@@ -54,6 +54,12 @@ class ClientContext:
 ClientFn = Callable[[ClientContext], Any]  # a Client and/or an AnalyticsClient
 
 
+def is_client(obj: object) -> bool:
+    """Whether ``obj`` is a client object rather than a ``client_fn`` (a class whose
+    instances are clients is a ``client_fn``, though it has ``train`` attributes too)."""
+    return isinstance(obj, Client) and not isinstance(obj, type)
+
+
 class StateStore(Protocol):
     """Per-client state kept between rounds, keyed by client id."""
 

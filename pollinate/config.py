@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +109,19 @@ class PrivacySection:
 
 
 @dataclass
+class SecureAggregationSection:
+    """[secure_aggregation]: SecAgg+, so the server sees only the sum of the updates."""
+
+    enabled: bool = False
+    neighbours: float = 0.5  # each client's neighbours: a count, or a fraction of the others
+    threshold: float = 0.6  # shares that rebuild a secret: a count, or a fraction of neighbours
+    clip_range: float = 8.0  # each update coordinate is clipped to ±clip_range
+    quantization_bits: int = 22  # levels per coordinate: 2^bits
+    modulus_bits: int = 32  # masked sums live modulo 2^modulus_bits
+    max_weight: int = 1000  # FedAvg weights: example counts capped here (0: uniform)
+
+
+@dataclass
 class RunConfig:
     """A whole run config."""
 
@@ -118,6 +132,7 @@ class RunConfig:
     strategy: StrategySection = field(default_factory=StrategySection)
     simulation: SimulationSection = field(default_factory=SimulationSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
+    secure_aggregation: SecureAggregationSection = field(default_factory=SecureAggregationSection)
 
     @property
     def output_dir(self) -> Path:
@@ -151,6 +166,11 @@ POSITIVE = {
     ("privacy", "delta"),
     ("privacy", "clip"),
     ("privacy", "clip_lr"),
+    ("secure_aggregation", "neighbours"),
+    ("secure_aggregation", "threshold"),
+    ("secure_aggregation", "clip_range"),
+    ("secure_aggregation", "quantization_bits"),
+    ("secure_aggregation", "modulus_bits"),
 }
 NON_NEGATIVE = {
     ("data", "min_size"),
@@ -162,6 +182,7 @@ NON_NEGATIVE = {
     ("privacy", "noise_multiplier"),
     ("privacy", "target_epsilon"),
     ("privacy", "max_epsilon"),
+    ("secure_aggregation", "max_weight"),
 }
 FRACTIONS = {
     ("data", "client_test_fraction"),
@@ -248,6 +269,35 @@ def _check(cfg: RunConfig) -> None:
     if not cfg.run.name.strip():
         raise ConfigError("run.name must not be empty")
     _check_privacy(cfg.privacy)
+    _check_secure(cfg)
+
+
+def _check_secure(cfg: RunConfig) -> None:
+    s = cfg.secure_aggregation
+    if not s.enabled:
+        return
+    if cfg.privacy.mode == "central" and cfg.privacy.clip_on != "client":
+        raise ConfigError(
+            "secure_aggregation with privacy.mode = 'central' needs privacy.clip_on = 'client': "
+            "the server only sees the sum, so the clients must clip their own updates"
+        )
+    from pollinate.privacy.secagg import SecAggConfig
+
+    SecAggConfig(  # its own checks, with their explanations
+        neighbours=s.neighbours,
+        threshold=s.threshold,
+        clip_range=s.clip_range,
+        quantization_bits=s.quantization_bits,
+        modulus_bits=s.modulus_bits,
+    ).check(_max_clients_per_round(cfg))
+
+
+def _max_clients_per_round(cfg: RunConfig) -> int:
+    """The most clients a round can sample (Poisson sampling: all of them, in principle)."""
+    n = cfg.data.num_clients
+    if cfg.privacy.mode == "central" and cfg.privacy.sampling == "poisson":
+        return n
+    return min(n, max(cfg.strategy.min_train_clients, math.ceil(cfg.strategy.fraction_train * n)))
 
 
 def _check_privacy(p: PrivacySection) -> None:

@@ -86,7 +86,7 @@ def serve(
     ready: threading.Event | None = None,
 ) -> RunResult:
     """Run ``cfg``'s rounds over the clients that connect to ``address``."""
-    from pollinate.experiment import build_data, build_model_fn, build_strategy
+    from pollinate.experiment import build_data, build_model_fn, build_secure, build_strategy
     from pollinate.frameworks.torch import initial_arrays, torch_evaluator
     from pollinate.privacy.accounting import PrivacyBudgetExceeded
     from pollinate.state import ServerState
@@ -156,6 +156,7 @@ def serve(
                     callbacks=callbacks,
                     history=history,
                     start_round=last + 1,
+                    secure=build_secure(cfg, run_tag=state.run_id),
                 )
             except PrivacyBudgetExceeded as exc:  # a clean stop: completed rounds are saved
                 log.warning("%s; the completed rounds are in %s", exc, cfg.output_dir)

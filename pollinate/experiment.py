@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pollinate.callbacks import ProgressDisplay, RunFolderWriter
 from pollinate.client import ClientFn
@@ -16,6 +16,9 @@ from pollinate.simulation import simulate
 from pollinate.strategy.base import Strategy
 from pollinate.strategy.fedavg import EvaluateFn, FedAvg
 from pollinate.types import Arrays
+
+if TYPE_CHECKING:
+    from pollinate.privacy.secure import SecureAggregation
 
 log = logging.getLogger("pollinate")
 
@@ -211,23 +214,47 @@ def _warn_small_rounds(cfg: RunConfig, expected: float) -> None:
 
 
 def wrap_client_fn(cfg: RunConfig, client_fn: ClientFn) -> ClientFn:
-    """``client_fn`` wrapped per [privacy]: clipping or local DP on the client."""
+    """``client_fn`` wrapped per [privacy] (clipping or local DP on the client) and, outermost,
+    per [secure_aggregation] (the update leaves the client masked)."""
     p = cfg.privacy
     if p.mode == "central" and p.clip_on == "client":
         from pollinate.privacy import ClientClipping
 
-        return ClientClipping(client_fn)
-    if p.mode == "local":
+        client_fn = ClientClipping(client_fn)
+    elif p.mode == "local":
         from pollinate.privacy import LocalDP
 
-        return LocalDP(
+        client_fn = LocalDP(
             client_fn,
             clip=p.clip,
             noise_multiplier=noise_multiplier(cfg),
             delta=p.delta,
             seed=cfg.run.seed if cfg.run.deterministic else None,
         )
+    if cfg.secure_aggregation.enabled:
+        from pollinate.privacy.secure import SecureClient
+
+        client_fn = SecureClient(client_fn)
     return client_fn
+
+
+def build_secure(cfg: RunConfig, run_tag: str | None = None) -> SecureAggregation | None:
+    """[secure_aggregation]'s protocol for the round loop (None when it is off)."""
+    s = cfg.secure_aggregation
+    if not s.enabled:
+        return None
+    from pollinate.privacy.secagg import SecAggConfig
+    from pollinate.privacy.secure import SecureAggregation
+
+    config = SecAggConfig(
+        neighbours=s.neighbours,
+        threshold=s.threshold,
+        clip_range=s.clip_range,
+        quantization_bits=s.quantization_bits,
+        modulus_bits=s.modulus_bits,
+    )
+    seed = cfg.run.seed if cfg.run.deterministic else None
+    return SecureAggregation(config, max_weight=s.max_weight, run_tag=run_tag, seed=seed)
 
 
 class _LastModel(Callback):
@@ -272,6 +299,7 @@ def run_experiment(cfg: RunConfig, quiet: bool = False) -> RunResult:
             cost_fn=_ExampleCost(data),
             callbacks=callbacks,
             history=history,
+            secure=build_secure(cfg),
         )
     except PrivacyBudgetExceeded as exc:  # a clean stop: the completed rounds are saved
         log.warning("%s; the completed rounds are in %s", exc, cfg.output_dir)

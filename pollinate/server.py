@@ -6,7 +6,9 @@ A round, in order (DESIGN.md):
 2. ``executor.submit`` runs ``client.train`` on each of them, with a round deadline
    (a simulation backend, or a network transport);
 3. ``strategy.aggregate_train`` folds the results into the next global model as they
-   arrive; failures and stragglers are counted, not fatal;
+   arrive; failures and stragglers are counted, not fatal. With secure aggregation
+   (``pollinate.privacy.SecureAggregation``) steps 2 and 3 run its protocol instead, and the
+   strategy is handed the sum of the updates, never one update;
 4. federated evaluation (``configure_evaluate`` → clients' ``evaluate`` →
    ``aggregate_evaluate``) and centralized evaluation (``strategy.evaluate``);
 5. the round is recorded in the history and the callbacks (progress, files, checkpoints)
@@ -28,6 +30,7 @@ from pollinate.types import (
     Metrics,
     Outcome,
     TaskKind,
+    TrainIns,
     to_python_scalars,
 )
 
@@ -50,6 +53,21 @@ def in_order(outcomes: Iterator[Outcome], deterministic: bool) -> Iterator[Outco
     if deterministic:
         return iter(sorted(outcomes, key=lambda o: o.client_id))
     return outcomes
+
+
+class SecureAggregator(Protocol):
+    """Steps 2 and 3 of a round through a secure aggregation protocol: the clients train,
+    and the strategy receives only the sum of their updates."""
+
+    def train(
+        self,
+        round_number: int,
+        arrays: Arrays,
+        strategy: Strategy,
+        executor: Executor,
+        plan: Sequence[tuple[ClientId, TrainIns]],
+        observe: Callable[[Iterable[Outcome], int], Iterator[Outcome]],
+    ) -> TrainSummary: ...
 
 
 class Callback:
@@ -111,11 +129,13 @@ def run(
     callbacks: Sequence[Callback] = (),
     history: History | None = None,
     start_round: int = 1,
+    secure: SecureAggregator | None = None,
 ) -> RunResult:
     """Run rounds ``start_round..rounds`` from ``arrays``; return the history and final model.
 
     ``clients`` is the population to sample from, or a function returning the clients
-    available now (a deployment's connected clients), called once per round.
+    available now (a deployment's connected clients), called once per round. ``secure``
+    runs each round's training through secure aggregation.
     """
     history = history if history is not None else History()
     started = time.monotonic()
@@ -125,7 +145,7 @@ def run(
     try:
         for round_number in range(start_round, rounds + 1):
             arrays, record = run_round(
-                round_number, arrays, strategy, executor, clients, callbacks, started
+                round_number, arrays, strategy, executor, clients, callbacks, started, secure
             )
             history.rounds.append(record)
             for cb in callbacks:
@@ -147,6 +167,7 @@ def run_round(
     clients: Clients,
     callbacks: Sequence[Callback] = (),
     started: float | None = None,
+    secure: SecureAggregator | None = None,
 ) -> tuple[Arrays, dict[str, Any]]:
     """One round of federated training and evaluation; returns the new model and its record."""
     started = time.monotonic() if started is None else started
@@ -158,13 +179,17 @@ def run_round(
     # 1. sample clients and configure their training
     train_plan = strategy.configure_train(round_number, arrays, clients)
 
-    # 2. send the global model: each sampled client trains it, until the round deadline
-    outcomes = executor.submit(round_number, "train", train_plan, strategy.round_timeout_s)
+    def observe(outcomes: Iterable[Outcome], total: int) -> Iterator[Outcome]:
+        return _observed(outcomes, round_number, total, callbacks)
 
-    # 3. fold results into the next global model as they arrive
-    train = strategy.aggregate_train(
-        round_number, arrays, _observed(outcomes, round_number, len(train_plan), callbacks)
-    )
+    if secure is None:
+        # 2. send the global model: each sampled client trains it, until the round deadline
+        outcomes = executor.submit(round_number, "train", train_plan, strategy.round_timeout_s)
+        # 3. fold results into the next global model as they arrive
+        train = strategy.aggregate_train(round_number, arrays, observe(outcomes, len(train_plan)))
+    else:
+        # 2.-3. the same through secure aggregation: the strategy is handed only the sum
+        train = secure.train(round_number, arrays, strategy, executor, train_plan, observe)
     arrays = train.arrays
 
     # 4. federated evaluation where the data lives, then centralized evaluation
@@ -174,9 +199,7 @@ def run_round(
         outcomes = executor.submit(
             round_number, "evaluate", evaluate_plan, strategy.round_timeout_s
         )
-        federated = strategy.aggregate_evaluate(
-            round_number, _observed(outcomes, round_number, len(evaluate_plan), callbacks)
-        )
+        federated = strategy.aggregate_evaluate(round_number, observe(outcomes, len(evaluate_plan)))
     centralized = strategy.evaluate(round_number, arrays)
 
     # 5. record the round

@@ -84,14 +84,16 @@ class Cluster:
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
     c = Cluster(tmp_path)
     assert c.cli("certs", "certs").returncode == 0
-    assert c.cli("keys", "certs", "0", "1", "2", "3", "4").returncode == 0
+    assert c.cli("keys", "certs", "0", "1", "2", "3", "4", "5").returncode == 0
     try:
         yield c
     finally:
         c.stop_all()
 
 
-def write_config(folder: Path, rounds: int, clients: int, **strategy: object) -> Path:
+def write_config(
+    folder: Path, rounds: int, clients: int, extra: str = "", **strategy: object
+) -> Path:
     lines = [
         "[run]",
         f"rounds = {rounds}",
@@ -106,7 +108,7 @@ def write_config(folder: Path, rounds: int, clients: int, **strategy: object) ->
     ]
     lines += [f"{k} = {json.dumps(v)}" for k, v in strategy.items()]
     path = folder / "run.toml"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n" + extra)
     return path
 
 
@@ -242,6 +244,33 @@ def test_server_killed_after_round_2_resumes(cluster: Cluster) -> None:
     assert_same_model(deployed, simulated(folder))
     again = cluster.cli(*server_args(port))  # a finished run says so, even with -q
     assert again.returncode == 0 and "already finished all 5 rounds" in again.stdout
+
+
+def test_secure_aggregation_survives_two_clients_killed_mid_protocol(cluster: Cluster) -> None:
+    folder = cluster.folder
+    secure = "[secure_aggregation]\nenabled = true\nneighbours = 5\nthreshold = 3\n"
+    write_config(folder, rounds=1, clients=6, extra=secure, min_train_clients=3)
+    port = free_port()
+    server = cluster.start("server", *server_args(port))
+    for i in range(4):
+        cluster.start(f"client{i}", *client_args(port, i))
+    victims = []
+    for i in (4, 5):  # they stall in the masked stage, after their keys and shares went out
+        app = ["client", "--server", f"127.0.0.1:{port}", "--app", "deploy_apps:sleepy"]
+        app += ["--client-id", str(i), "--certs", "certs"]
+        victims.append(cluster.start(f"victim{i}", *app, env={"POLLINATE_SLEEP_ROUND": "1"}))
+    for i in (4, 5):
+        wait_until(lambda i=i: "stalling in round 1" in cluster.log(f"victim{i}"), 90, "a stall")
+    for victim in victims:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=30)
+    assert server.wait(timeout=300) == 0, cluster.log("server")
+    (record,) = json.loads((folder / "runs/deployed/history.json").read_text())["rounds"]
+    assert record["train"]["clients"] == 4
+    dropped = {f["client_id"]: f["reason"] for f in record["failures"] if f["task"] == "train"}
+    assert set(dropped) == {4, 5} and all("masked stage" in r for r in dropped.values())
+    # the unmasked sum is a trained model (a wrongly unmasked one scores like chance, 0.1)
+    assert record["centralized"]["accuracy"] > 0.3
 
 
 def test_unknown_client_and_wrong_ca_are_refused(cluster: Cluster) -> None:

@@ -219,3 +219,62 @@ def test_dp_fedavg_through_the_cli(tmp_path):
     assert "privacy budget: round 3 would raise ε" in proc.stderr
     assert "finished 2 rounds" in proc.stdout
     assert len(_history(tmp_path)["rounds"]) == 2
+
+
+def test_secure_aggregation_run_matches_the_plain_run(tmp_path):
+    plain = run_experiment(small(tmp_path / "plain", "run.deterministic=true"), quiet=True)
+    secure = run_experiment(
+        small(tmp_path, "run.deterministic=true", "secure_aggregation.enabled=true"), quiet=True
+    )
+    for a, b in zip(plain.arrays, secure.arrays):  # only quantization tells them apart
+        assert a.shape == b.shape
+        assert abs(a.astype(float) - b.astype(float)).max() < 1e-3
+    rounds = _history(tmp_path)["rounds"]
+    assert [r["train"]["clients"] for r in rounds] == [4, 4, 4]
+    assert rounds[-1]["centralized"]["accuracy"] == pytest.approx(
+        plain.history.rounds[-1]["centralized"]["accuracy"], abs=0.02
+    )
+
+
+@pytest.mark.slow
+def test_secure_dp_fedavg_through_the_cli(tmp_path):
+    sets = [
+        "run.rounds=2",
+        "data.num_clients=6",
+        "train.epochs=1",
+        "simulation.backend=process",
+        "privacy.mode=central",
+        "privacy.clip_on=client",
+        "privacy.noise_multiplier=0.3",
+        "secure_aggregation.enabled=true",
+        "secure_aggregation.neighbours=4",
+        "secure_aggregation.threshold=3",
+        f"run.output={tmp_path / 'run'}",
+    ]
+    args = [a for s in sets for a in ("--set", s)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pollinate.cli", "run", *args],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rounds = _history(tmp_path)["rounds"]
+    assert [r["train"]["clients"] for r in rounds] == [6, 6]
+    assert rounds[-1]["privacy"]["noise_multiplier"] == 0.3
+    assert rounds[-1]["centralized"]["accuracy"] > 0.15  # noised, but learning
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["privacy.mode=central", "privacy.clip_on=server"], "clip_on = 'client'"),
+        (["secure_aggregation.quantization_bits=31"], "modulus"),
+        (["secure_aggregation.threshold=0"], "threshold"),
+    ],
+)
+def test_bad_secure_aggregation_configs(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        small(tmp_path, "secure_aggregation.enabled=true", *overrides)

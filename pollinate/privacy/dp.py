@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from pollinate.client import Client, ClientContext, ClientFn
+from pollinate.client import Client, ClientContext, ClientFn, is_client
 from pollinate.errors import ConfigError, RoundFailedError
 from pollinate.privacy.accounting import (
     ACCOUNTANTS,
@@ -450,11 +450,20 @@ class CentralDP(StrategyWrapper):
             sums.accepted.append((outcome.client_id, int(res.num_examples), metrics))
         return sums
 
-    def release(self, round_number: int, arrays: Arrays, sums: RoundSums) -> TrainSummary:
-        """Noise the sum, hand the noised model to the wrapped strategy, account the round."""
+    def release(
+        self, round_number: int, arrays: Arrays, sums: RoundSums, noise_in_sum: float = 0.0
+    ) -> TrainSummary:
+        """Noise the sum, hand the noised model to the wrapped strategy, account the round.
+
+        ``noise_in_sum``: the standard deviation of Gaussian noise the sum already holds
+        (distributed DP: the clients added it); only the rest of ``z·C`` is added here.
+        """
         clip = sums.total.clip
+        stddev = self.update_noise_multiplier * clip
         noised = sums.total.noised_model(
-            self.update_noise_multiplier * clip, self.clients_per_round, self._rng(round_number, 1)
+            math.sqrt(max(0.0, stddev**2 - noise_in_sum**2)),
+            self.clients_per_round,
+            self._rng(round_number, 1),
         )
         feed = sums.passed + [
             Outcome(cid, "train", result=TrainRes(noised, n, metrics))
@@ -503,12 +512,12 @@ class ClientClipping:
         self.inner = inner
 
     def __call__(self, context: ClientContext) -> ClientClipping:
-        if isinstance(self.inner, Client):
+        if is_client(self.inner) or not callable(self.inner):
             raise TypeError("this ClientClipping wraps a client, not a client_fn")
         return ClientClipping(self.inner(context))
 
     def _client(self) -> Client:
-        if not isinstance(self.inner, Client):
+        if not is_client(self.inner) or not isinstance(self.inner, Client):
             raise TypeError("this ClientClipping wraps a client_fn: call it with a context")
         return self.inner
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from pollinate.client import Client, ClientContext, ClientFn
+from pollinate.client import Client, ClientContext, ClientFn, is_client
 from pollinate.errors import ConfigError
 from pollinate.privacy.accounting import PrivacyBudgetExceeded, load_dp_accounting
 from pollinate.privacy.dp import clip_update, is_private
@@ -113,7 +113,7 @@ class LocalDP:
         self.epsilon = local_epsilon(self.noise_multiplier, self.delta)
 
     def __call__(self, context: ClientContext) -> LocalDP:
-        if isinstance(self.inner, Client):
+        if is_client(self.inner) or not callable(self.inner):
             raise TypeError("this LocalDP wraps a client, not a client_fn")
         return LocalDP(
             self.inner(context),
@@ -126,7 +126,7 @@ class LocalDP:
         )
 
     def _client(self) -> Client:
-        if not isinstance(self.inner, Client):
+        if not is_client(self.inner) or not isinstance(self.inner, Client):
             raise TypeError("this LocalDP wraps a client_fn: call it with a context")
         return self.inner
 

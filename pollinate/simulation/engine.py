@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 from pollinate.client import ClientFn, MemoryStateStore, StateStore, task_seed
 from pollinate.errors import ConfigError
-from pollinate.server import Callback, History, RunResult, in_order, run
+from pollinate.server import Callback, History, RunResult, SecureAggregator, in_order, run
 from pollinate.simulation.backends.base import Backend
 from pollinate.strategy.base import Strategy
 from pollinate.types import Arrays, ClientId, Instructions, Outcome, Task, TaskKind
@@ -119,13 +119,15 @@ def simulate(
     state_store: StateStore | None = None,
     callbacks: Sequence[Callback] = (),
     history: History | None = None,
+    secure: SecureAggregator | None = None,
 ) -> RunResult:
     """Run ``rounds`` rounds of federated learning over ``num_clients`` virtual clients.
 
     ``client_fn(context)`` builds the client for one task (see ``pollinate.client``); for the
     ``process`` and ``ray`` backends it must be picklable (a module-level function or an
     instance of a module-level class). Clients are the ids ``0..num_clients-1``; memory does
-    not grow with clients that are not sampled.
+    not grow with clients that are not sampled. ``secure`` (a
+    ``pollinate.privacy.SecureAggregation``) runs training through secure aggregation.
     """
     if num_clients < 1:
         raise ConfigError(f"num_clients must be >= 1, got {num_clients}")
@@ -149,6 +151,7 @@ def simulate(
             rounds,
             callbacks=callbacks,
             history=history,
+            secure=secure,
         )
     finally:
         engine.close()
