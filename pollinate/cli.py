@@ -1,4 +1,4 @@
-"""``pollinate run | partition | report``: the command line."""
+"""``pollinate run | analyze | partition | report | server | client | ...``: the command line."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pollinate.errors import ConfigError, PollinateError
 
@@ -35,6 +36,20 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run one federated experiment in simulation")
     _config_args(run)
     run.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+    analyze = sub.add_parser(
+        "analyze", help="answer an analytics config's queries over simulated clients"
+    )
+    analyze.add_argument("config", help="analytics config (TOML with [[query]] tables)")
+    analyze.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config key, e.g. --set policy.min_group_size=10 (repeatable)",
+    )
+    analyze.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
     part = sub.add_parser("partition", help="show how a config splits its data over clients")
     _config_args(part)
@@ -83,6 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--partition", type=int, help="which partition of --config's data")
     client.add_argument("--app", help="package.module:function: your own client_fn")
     client.add_argument("--client-id", type=int, help="this client's id (with --app)")
+    client.add_argument(
+        "--expose",
+        help="analytics: the columns this data holder answers about, comma-separated "
+        "(default: the config's policy.exposed, else all)",
+    )
+    client.add_argument(
+        "--min-group-size",
+        type=int,
+        help="analytics: refuse answers resting on fewer rows in any cell",
+    )
     client.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE"
     )
@@ -134,6 +159,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"history: {out / 'history.json'}")
         print(f"plots:   {', '.join(str(p) for p in sorted(out.glob('*.png')))}")
         print(f"report:  {out / 'report.html'}")
+    return 0
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from pollinate.analytics import config
+    from pollinate.analytics.session import ANALYTICS_JSON, analyze, format_table
+
+    cfg = config.load(args.config, args.overrides)
+    answers = analyze(cfg, quiet=args.quiet)
+    print(format_table(answers))
+    if not args.quiet:
+        print(f"answers: {cfg.output_dir / ANALYTICS_JSON}")
     return 0
 
 
@@ -212,9 +249,10 @@ def _path(explicit: str | None, certs: str | None, name: str) -> Path | None:
 
 def _cmd_server(args: argparse.Namespace) -> int:
     from pollinate import config
+    from pollinate.analytics.config import is_analytics
     from pollinate.deploy import Security, serve
 
-    cfg = config.load(args.config, args.overrides)
+    analytics = args.config is not None and is_analytics(args.config)
     allow_list = _path(args.allow_list, args.certs, "allow-list.txt")
     if allow_list is not None and not allow_list.is_file():
         if args.allow_list:
@@ -232,6 +270,16 @@ def _cmd_server(args: argparse.Namespace) -> int:
         allow_list=allow_list,
         insecure=args.insecure,
     )
+    if analytics:
+        from pollinate.analytics import config as analytics_config
+        from pollinate.analytics.session import format_table
+        from pollinate.deploy import serve_analytics
+
+        acfg = analytics_config.load(args.config, args.overrides)
+        answers = serve_analytics(acfg, args.address, security, quiet=args.quiet)
+        print(format_table(answers))
+        return 0
+    cfg = config.load(args.config, args.overrides)
     result = serve(cfg, args.address, security, fresh=args.fresh, quiet=args.quiet)
     if not args.quiet:
         print(f"finished {len(result.history.rounds)} rounds; run folder: {cfg.output_dir}")
@@ -240,6 +288,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
 
 def _cmd_client(args: argparse.Namespace) -> int:
     from pollinate import config
+    from pollinate.analytics.config import is_analytics
     from pollinate.deploy import Security, config_client_fn, connect, load_app
 
     if args.threads is not None:
@@ -252,9 +301,11 @@ def _cmd_client(args: argparse.Namespace) -> int:
             raise ConfigError("--app needs --client-id N")
         client_fn, client_id = load_app(args.app), args.client_id
     elif args.config is not None and args.partition is not None:
-        cfg = config.load(args.config, args.overrides)
         client_id = args.partition if args.client_id is None else args.client_id
-        client_fn = config_client_fn(cfg, args.partition)
+        if is_analytics(args.config):
+            client_fn = _analytics_client(args, client_id)
+        else:
+            client_fn = config_client_fn(config.load(args.config, args.overrides), args.partition)
     else:
         raise ConfigError("give --config CONFIG --partition I, or --app package.module:function")
     security = Security(
@@ -264,6 +315,22 @@ def _cmd_client(args: argparse.Namespace) -> int:
     )
     connect(args.server, client_fn, client_id, security, max_retries=args.max_retries)
     return 0
+
+
+def _analytics_client(args: argparse.Namespace, client_id: int) -> Any:
+    """The data holder for an analytics config, with its own --expose / --min-group-size."""
+    from pollinate.analytics import config
+    from pollinate.deploy import analytics_client_fn
+
+    cfg = config.load(args.config, args.overrides)
+    policy = cfg.policy
+    if args.expose is not None:
+        policy.exposed = [c.strip() for c in args.expose.split(",") if c.strip()]
+    if args.min_group_size is not None:
+        if args.min_group_size < 1:
+            raise ConfigError(f"--min-group-size must be >= 1, got {args.min_group_size}")
+        policy.min_group_size = args.min_group_size
+    return analytics_client_fn(cfg, args.partition, client_id)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -284,6 +351,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "run": _cmd_run,
+    "analyze": _cmd_analyze,
     "partition": _cmd_partition,
     "report": _cmd_report,
     "certs": _cmd_certs,

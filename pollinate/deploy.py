@@ -13,7 +13,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pollinate.callbacks import ProgressDisplay, RunFolderWriter
 from pollinate.client import ClientFn
@@ -21,6 +21,9 @@ from pollinate.config import RunConfig
 from pollinate.errors import ConfigError
 from pollinate.server import Callback, History, RunResult, run
 from pollinate.types import Arrays, ClientId
+
+if TYPE_CHECKING:
+    from pollinate.analytics.config import AnalyticsConfig
 
 log = logging.getLogger("pollinate")
 
@@ -41,6 +44,28 @@ class Security:
         if not path.is_file():
             raise ConfigError(f"{what} file {path} does not exist (make one with pollinate certs)")
         return path.read_bytes()
+
+    def server_tls(self) -> tuple[bytes, bytes] | None:
+        """The server's (certificate, key) PEM bytes; None with ``insecure``."""
+        if self.insecure:
+            return None
+        if self.cert is None or self.key is None:
+            raise ConfigError(
+                "the server needs a TLS certificate and key (--cert/--key or --certs DIR, made "
+                "by pollinate certs), or --insecure to run without TLS"
+            )
+        cert = self.read(self.cert, "certificate")
+        key = self.read(self.key, "TLS key")
+        assert cert is not None and key is not None
+        return cert, key
+
+    def verifier(self, seen_nonce: Any = None) -> Any:
+        """The allow-list's request verifier (None without an allow-list)."""
+        if self.allow_list is None:
+            return None
+        from pollinate.transport.grpc.auth import AllowList, Verifier
+
+        return Verifier(AllowList.load(self.allow_list), seen_nonce=seen_nonce)
 
 
 class StateRecorder(Callback):
@@ -90,20 +115,9 @@ def serve(
     from pollinate.frameworks.torch import initial_arrays, torch_evaluator
     from pollinate.privacy.accounting import PrivacyBudgetExceeded
     from pollinate.state import ServerState
-    from pollinate.transport.grpc.auth import AllowList, Verifier
     from pollinate.transport.grpc.server import FleetServer, GrpcExecutor
 
-    tls = None
-    if not security.insecure:
-        if security.cert is None or security.key is None:
-            raise ConfigError(
-                "the server needs a TLS certificate and key (--cert/--key or --certs DIR, made "
-                "by pollinate certs), or --insecure to run without TLS"
-            )
-        cert = security.read(security.cert, "certificate")
-        key = security.read(security.key, "TLS key")
-        assert cert is not None and key is not None
-        tls = (cert, key)
+    tls = security.server_tls()
     state = ServerState.open(cfg.output_dir / "server.sqlite", cfg.to_dict(), fresh=fresh)
     try:
         last, saved, records = state.load_latest()
@@ -120,13 +134,10 @@ def serve(
             )
             RunFolderWriter(cfg.output_dir, history).on_run_end(history, None)
             return RunResult(history, arrays)
-        verifier = None
-        if security.allow_list is not None:
-            verifier = Verifier(AllowList.load(security.allow_list), seen_nonce=state.seen_nonce)
         fleet = FleetServer(
             address,
             tls=tls,
-            verifier=verifier,
+            verifier=security.verifier(seen_nonce=state.seen_nonce),
             run_id=state.run_id,
             heartbeat_s=heartbeat_s,
             on_register=lambda cid, key: state.upsert_client(cid, key, replace_key=True),
@@ -171,6 +182,63 @@ def serve(
             fleet.stop()
     finally:
         state.close()
+
+
+def serve_analytics(
+    cfg: AnalyticsConfig,
+    address: str,
+    security: Security,
+    *,
+    quiet: bool = False,
+    heartbeat_s: float = 2.0,
+) -> list[dict[str, Any]]:
+    """Answer an analytics config's queries over the clients that connect to ``address``
+    (once ``data.num_clients`` of them are connected); writes the same outputs as
+    ``pollinate analyze``."""
+    import secrets
+
+    from pollinate.analytics.session import make_runner, run_queries, write_outputs
+    from pollinate.transport.grpc.server import FleetServer, GrpcExecutor
+
+    run_id = secrets.token_hex(8)
+    fleet = FleetServer(
+        address,
+        tls=security.server_tls(),
+        verifier=security.verifier(),
+        run_id=run_id,
+        heartbeat_s=heartbeat_s,
+    )
+    fleet.start()
+    try:
+        print(
+            f"pollinate analytics server {run_id[:8]} listening on {fleet.address}; "
+            f"waiting for {cfg.data.num_clients} clients",
+            flush=True,
+        )
+        clients = ConnectedClients(fleet, cfg.data.num_clients, quiet)()
+        executor = GrpcExecutor(fleet, seed=cfg.run.seed, deterministic=True)
+        answers = run_queries(cfg, make_runner(cfg, executor, run_tag=run_id), clients, quiet)
+        write_outputs(cfg, answers)
+        fleet.stop(finished=f"the analytics session answered its {len(answers)} queries")
+        return answers
+    finally:
+        fleet.stop()
+
+
+def analytics_client_fn(cfg: AnalyticsConfig, partition: int, client_id: int) -> ClientFn:
+    """A data holder's client (id ``client_id``) for partition ``partition`` of an analytics
+    config's tables, under the config's [policy]."""
+    from pollinate.analytics.session import client_fn, client_tables
+
+    tables = client_tables(cfg)
+    if not 0 <= partition < len(tables):
+        raise ConfigError(
+            f"--partition {partition} is out of range: the config has {len(tables)} client "
+            f"tables (0..{len(tables) - 1})"
+        )
+    only = {client_id: tables[partition]}  # keep just ours
+    fn: ClientFn = client_fn(cfg, only)
+    return fn
 
 
 def load_app(spec: str) -> ClientFn:

@@ -449,6 +449,12 @@ class SecureClient:
         if kind == "query":
             q = self.inner.query(arrays, inner_config)
             vector = np.concatenate([np.asarray(a, np.float64).ravel() for a in q.arrays])
+            peak = float(np.abs(vector).max(initial=0.0))
+            if peak > sec.clip_range:  # sums must arrive whole, never clipped
+                raise SecAggError(
+                    f"the local sums reach {peak:.6g}, beyond the secure aggregation "
+                    f"clip_range {sec.clip_range:g}: raise secure_aggregation.clip_range"
+                )
             masked = client_mask(secret, me, received, vector, sec)
             return QueryRes([masked], q.num_examples, q.metrics)
         res = self.inner.train(arrays, inner_config)
