@@ -305,3 +305,13 @@ def test_analytics_over_grpc_with_real_client_processes(tmp_path: Path) -> None:
     assert s5["answered"] == [0, 1, 2] and "does not expose" in s5["refused"]["3"]
     kept = pd.concat(tables[:3])
     assert s5["value"] == pytest.approx(kept.s5.mean(), rel=1e-6)
+
+
+def test_readme_shows_what_the_demo_prints(tmp_path: Path) -> None:
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("pollinate analyze examples/diabetes-analytics.toml\n```\n\n```\n")[1]
+    shown = block.split("```")[0].splitlines()
+    cfg = load_analytics(DEMO, [f"run.output={tmp_path}"])
+    printed = format_table(analyze(cfg, quiet=True)).splitlines()
+    exact = [line for line in shown if not line.startswith("noisy_")]  # noise differs
+    assert exact == [line for line in printed[: len(shown)] if not line.startswith("noisy_")]
