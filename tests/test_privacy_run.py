@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -278,3 +279,14 @@ def test_secure_dp_fedavg_through_the_cli(tmp_path):
 def test_bad_secure_aggregation_configs(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         small(tmp_path, "secure_aggregation.enabled=true", *overrides)
+
+
+def test_the_private_example_config_runs(tmp_path):
+    cfg = config.load(
+        Path(__file__).resolve().parents[1] / "examples" / "digits-private.toml",
+        ["run.rounds=2", "simulation.backend=sequential", f"run.output={tmp_path / 'run'}"],
+    )
+    result = run_experiment(cfg, quiet=True)
+    rounds = result.history.rounds
+    assert all(5 <= r["train"]["clients"] <= 35 for r in rounds)  # Poisson, 20 expected
+    assert rounds[-1]["privacy"]["epsilon"] > rounds[0]["privacy"]["epsilon"] > 0
