@@ -6,8 +6,10 @@ The server sends a :class:`Query` to the clients (as JSON); each client computes
 :func:`answer` turns the total into the answer. Quantiles take several such round trips
 (:class:`QuantileSearch`). Differential privacy adds Gaussian noise to the total
 (:func:`add_noise`) and a :class:`PrivacySession` accounts ε over the queries answered.
-:func:`simulate_query` runs the whole protocol over in-process tables; :func:`load_tables`
-makes client tables.
+:func:`simulate_query` runs the whole protocol over in-process tables; :class:`QueryRunner`
+runs it over any executor (simulation backends, connected gRPC clients), with
+:class:`TableClient` on the clients; :func:`load_tables` makes client tables. The config,
+``pollinate analyze`` and the outputs are in :mod:`pollinate.analytics.session`.
 
 Errors, all under ``PollinateError``::
 
@@ -34,6 +36,7 @@ from pollinate.analytics.filters import Filter, FilterError, parse
 from pollinate.analytics.local import Policy, QueryRefused, local_sums
 from pollinate.analytics.quantile import QuantileSearch
 from pollinate.analytics.query import STATISTICS, Query
+from pollinate.analytics.runner import QueryRunner, TableClient, TableClientFn
 from pollinate.analytics.simulate import simulate_query
 from pollinate.analytics.tables import demo_tables, load_tables, split_table
 
@@ -46,7 +49,10 @@ __all__ = [
     "Query",
     "QueryBudgetExceeded",
     "QueryRefused",
+    "QueryRunner",
     "STATISTICS",
+    "TableClient",
+    "TableClientFn",
     "add_noise",
     "answer",
     "coordinate_scales",
