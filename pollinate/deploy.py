@@ -126,6 +126,7 @@ def serve(
         strategy = build_strategy(cfg, torch_evaluator(model_fn, *data.server_test()))
         arrays = saved if saved is not None else initial_arrays(model_fn, cfg.run.seed)
         history = History(config=cfg.to_dict(), rounds=list(records))
+        strategy.restore(history.rounds)  # e.g. the adaptive clip, clients' local DP releases
         if last >= cfg.run.rounds:
             print(  # not a log line: -q must not hide why the server exits at once
                 f"pollinate server {state.run_id[:8]}: the run already finished all {last} "

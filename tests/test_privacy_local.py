@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import dp_accounting as dp
 import numpy as np
 import pytest
@@ -148,3 +150,21 @@ def test_ledger_budget_stops_before_a_client_would_exceed_it():
         ledger.aggregate_train(r, arrays, [_release(cid, client, arrays) for cid, _ in plan])
     with pytest.raises(PrivacyBudgetExceeded, match="round 3 would raise a client's local ε"):
         ledger.configure_train(3, arrays, range(3))
+
+
+def test_ledger_restores_releases_from_the_history_of_a_resumed_run():
+    from pollinate.server import make_record
+
+    arrays = _model()
+    ledger = LocalDPLedger(FedAvg(min_train_clients=1), noise_multiplier=2.0, clip=1.0, delta=1e-5)
+    good = LocalDP(_Client(), clip=1.0, noise_multiplier=2.0, seed=0)
+    weak = LocalDP(_Client(), clip=1.0, noise_multiplier=0.5, seed=0)
+    records = []
+    for r, outcomes in enumerate(
+        [[_release(0, good, arrays), _release(1, weak, arrays)], [_release(0, good, arrays)]], 1
+    ):
+        summary = ledger.aggregate_train(r, arrays, outcomes)
+        records.append(json.loads(json.dumps(make_record(r, 0.0, summary, None, None))))
+    resumed = LocalDPLedger(FedAvg(min_train_clients=1), noise_multiplier=2.0, clip=1.0)
+    resumed.restore(records)  # the weak client was rejected, but its update was released
+    assert resumed.releases == ledger.releases == {0: 2, 1: 1}

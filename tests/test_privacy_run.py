@@ -15,7 +15,13 @@ from pollinate import config
 from pollinate.callbacks import headline, load_checkpoint, short_headline
 from pollinate.errors import ConfigError
 from pollinate.experiment import build_strategy, run_experiment
-from pollinate.privacy import CentralDP, LocalDPLedger, PrivacyAccountant, local_epsilon
+from pollinate.privacy import (
+    CentralDP,
+    LocalDPLedger,
+    PrivacyAccountant,
+    PrivacyError,
+    local_epsilon,
+)
 
 
 def small(tmp_path, *extra: str) -> config.RunConfig:
@@ -290,3 +296,22 @@ def test_the_private_example_config_runs(tmp_path):
     rounds = result.history.rounds
     assert all(5 <= r["train"]["clients"] <= 35 for r in rounds)  # Poisson, 20 expected
     assert rounds[-1]["privacy"]["epsilon"] > rounds[0]["privacy"]["epsilon"] > 0
+
+
+def test_adaptive_clipping_resumes_from_the_last_recorded_clip(tmp_path):
+    overrides = [
+        "privacy.mode=central",
+        "privacy.adaptive=true",
+        "privacy.noise_multiplier=0.2",
+        "privacy.sampling=fixed",
+        "privacy.accountant=rdp",
+        "strategy.fraction_train=0.75",
+    ]
+    result = run_experiment(small(tmp_path, *overrides), quiet=True)
+    records = json.loads(json.dumps(result.history.rounds))
+    resumed = build_strategy(small(tmp_path, *overrides), None)
+    assert isinstance(resumed, CentralDP) and resumed.clip == 0.1
+    resumed.restore(records)
+    assert resumed.clip == records[-1]["privacy"]["next_clip"] != 0.1
+    with pytest.raises(PrivacyError, match="next_clip"):
+        resumed.restore([{"round": 1, "privacy": {}}])

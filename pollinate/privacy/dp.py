@@ -491,6 +491,20 @@ class CentralDP(StrategyWrapper):
             summary, failures=[*summary.failures, *sums.rejected], privacy=privacy
         )
 
+    def restore(self, records: Sequence[dict[str, Any]]) -> None:
+        """On resume, adaptive clipping goes on from the clip the last round chose."""
+        super().restore(records)
+        if self.adaptive is None or not records:
+            return
+        privacy = records[-1].get("privacy", {})
+        clip = privacy.get("next_clip")
+        if not isinstance(clip, (int, float)) or not clip > 0:
+            raise PrivacyError(
+                f"cannot resume adaptive clipping: round {records[-1].get('round')}'s record "
+                "has no next_clip; start the run afresh"
+            )
+        self.clip = float(clip)
+
     def _reject(self, outcome: Outcome, why: str) -> Failure:
         hint = " (wrap the client in ClientClipping)" if self.clip_on == "client" else ""
         log.warning("client %s: update rejected: %s%s", outcome.client_id, why, hint)

@@ -223,6 +223,23 @@ class LocalDPLedger(StrategyWrapper):
                 )
         return plan
 
+    def restore(self, records: Sequence[dict[str, Any]]) -> None:
+        """On resume, count each client's releases again from the completed rounds: every
+        client whose update reached the server, accepted or rejected, released once."""
+        super().restore(records)
+        self.releases = {}
+        for record in records:
+            released = {
+                int(cid) for cid, entry in record.get("clients", {}).items() if "train" in entry
+            }
+            released |= {
+                int(f["client_id"])
+                for f in record.get("failures", [])
+                if f.get("task") == "train" and f.get("kind") == "rejected"
+            }
+            for cid in released:
+                self.releases[cid] = self.releases.get(cid, 0) + 1
+
     def _mismatch(self, metrics: Metrics) -> str | None:
         z, c = metrics.get("dp_noise_multiplier"), metrics.get("dp_clip")
         if not isinstance(z, (int, float)) or not isinstance(c, (int, float)):

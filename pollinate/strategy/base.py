@@ -80,6 +80,10 @@ class Strategy(ABC):
         """Centralized evaluation on server-side data (None when there is none)."""
         return None
 
+    def restore(self, records: Sequence[dict[str, Any]]) -> None:
+        """Take up a resumed run: rebuild state kept between rounds from the completed
+        rounds' history records (nothing to rebuild by default)."""
+
 
 class StrategyWrapper(Strategy):
     """A strategy around another one (privacy wraps, it does not fork): every step is the
@@ -111,3 +115,6 @@ class StrategyWrapper(Strategy):
 
     def evaluate(self, round_number: int, arrays: Arrays) -> tuple[float, Metrics] | None:
         return self.strategy.evaluate(round_number, arrays)
+
+    def restore(self, records: Sequence[dict[str, Any]]) -> None:
+        self.strategy.restore(records)
