@@ -164,10 +164,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from pollinate.analytics import config
-    from pollinate.analytics.session import ANALYTICS_JSON, analyze, format_table
+    from pollinate.analytics.session import ANALYTICS_JSON, format_table
+    from pollinate.experiment import run_analytics
 
     cfg = config.load(args.config, args.overrides)
-    answers = analyze(cfg, quiet=args.quiet)
+    answers = run_analytics(cfg, quiet=args.quiet)
     print(format_table(answers))
     if not args.quiet:
         print(f"answers: {cfg.output_dir / ANALYTICS_JSON}")

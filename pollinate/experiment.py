@@ -18,6 +18,7 @@ from pollinate.strategy.fedavg import EvaluateFn, FedAvg
 from pollinate.types import Arrays
 
 if TYPE_CHECKING:
+    from pollinate.analytics.config import AnalyticsConfig
     from pollinate.privacy.secure import SecureAggregation
 
 log = logging.getLogger("pollinate")
@@ -304,3 +305,27 @@ def run_experiment(cfg: RunConfig, quiet: bool = False) -> RunResult:
     except PrivacyBudgetExceeded as exc:  # a clean stop: the completed rounds are saved
         log.warning("%s; the completed rounds are in %s", exc, cfg.output_dir)
         return RunResult(history, last.arrays)
+
+
+def run_analytics(cfg: AnalyticsConfig, quiet: bool = False) -> list[dict[str, Any]]:
+    """Answer an analytics config's queries over simulated clients (``pollinate analyze``);
+    writes ``analytics.json`` and the plots, and returns the answers."""
+    from pollinate.analytics.session import (
+        client_fn,
+        client_tables,
+        make_runner,
+        run_queries,
+        write_outputs,
+    )
+    from pollinate.simulation.engine import SimulationExecutor, make_backend
+
+    tables = client_tables(cfg)
+    backend = make_backend(cfg.simulation.backend, workers=cfg.simulation.workers)
+    try:
+        backend.start(client_fn(cfg, tables))
+        executor = SimulationExecutor(backend, seed=cfg.run.seed, deterministic=True)
+        answers = run_queries(cfg, make_runner(cfg, executor), list(range(len(tables))), quiet)
+    finally:
+        backend.close()
+    write_outputs(cfg, answers)
+    return answers

@@ -17,7 +17,8 @@ import pytest
 from pollinate.analytics import Policy, PrivacySession, Query, demo_tables, load_tables
 from pollinate.analytics.config import load as load_analytics
 from pollinate.analytics.runner import QUERY, QueryRunner, TableClient, TableClientFn
-from pollinate.analytics.session import analyze, format_table
+from pollinate.analytics.session import format_table
+from pollinate.experiment import run_analytics
 from pollinate.privacy.secagg import SecAggConfig
 from pollinate.privacy.secure import SecureAggregation, SecureClient
 from pollinate.simulation.engine import SimulationExecutor, make_backend
@@ -176,7 +177,7 @@ def test_a_table_client_refuses_malformed_queries() -> None:
 
 def test_analyze_writes_answers_and_plots(tmp_path: Path) -> None:
     cfg = load_analytics(DEMO, [f"run.output={tmp_path / 'out'}"])
-    answers = analyze(cfg, quiet=True)
+    answers = run_analytics(cfg, quiet=True)
     saved = json.loads((tmp_path / "out" / "analytics.json").read_text())
     assert [a["query"] for a in saved["answers"]] == [q.name for q in cfg.queries]
     assert saved["answers"] == json.loads(json.dumps(answers))
@@ -312,6 +313,6 @@ def test_readme_shows_what_the_demo_prints(tmp_path: Path) -> None:
     block = readme.split("pollinate analyze examples/diabetes-analytics.toml\n```\n\n```\n")[1]
     shown = block.split("```")[0].splitlines()
     cfg = load_analytics(DEMO, [f"run.output={tmp_path}"])
-    printed = format_table(analyze(cfg, quiet=True)).splitlines()
+    printed = format_table(run_analytics(cfg, quiet=True)).splitlines()
     exact = [line for line in shown if not line.startswith("noisy_")]  # noise differs
     assert exact == [line for line in printed[: len(shown)] if not line.startswith("noisy_")]

@@ -8,8 +8,11 @@ The server sends a :class:`Query` to the clients (as JSON); each client computes
 (:func:`add_noise`) and a :class:`PrivacySession` accounts ε over the queries answered.
 :func:`simulate_query` runs the whole protocol over in-process tables; :class:`QueryRunner`
 runs it over any executor (simulation backends, connected gRPC clients), with
-:class:`TableClient` on the clients; :func:`load_tables` makes client tables. The config,
-``pollinate analyze`` and the outputs are in :mod:`pollinate.analytics.session`.
+:class:`TableClient` on the clients; :func:`load_tables` makes client tables. Analytics
+configs are :mod:`pollinate.analytics.config`, and the outputs
+:mod:`pollinate.analytics.session`; ``pollinate analyze`` is
+``pollinate.experiment.run_analytics``, ``pollinate server`` on an analytics config
+``pollinate.deploy.serve_analytics``.
 
 Errors, all under ``PollinateError``::
 

@@ -1,5 +1,7 @@
-"""A session of queries from an analytics config: in simulation (``pollinate analyze``) or
-over connected clients (``pollinate server`` on an analytics config), with its outputs.
+"""A session of queries from an analytics config, and its outputs: the pieces that
+``pollinate analyze`` (``pollinate.experiment.run_analytics``, simulated clients) and
+``pollinate server`` on an analytics config (``pollinate.deploy.serve_analytics``, connected
+clients) share.
 
 The outputs, in ``<run.output>/``: ``analytics.json`` (the config and, per query, its
 answer: value, row count, the clients that answered or refused, ε spent so far) and one
@@ -73,22 +75,6 @@ def run_queries(
         answers.append(record)
         if not quiet:
             log.warning("query %d/%d %s: %s", i, len(cfg.queries), query.name, _short(record))
-    return answers
-
-
-def analyze(cfg: AnalyticsConfig, quiet: bool = False) -> list[dict[str, Any]]:
-    """Run the config's queries over simulated clients; write and return the answers."""
-    from pollinate.simulation.engine import SimulationExecutor, make_backend
-
-    tables = client_tables(cfg)
-    backend = make_backend(cfg.simulation.backend, workers=cfg.simulation.workers)
-    try:
-        backend.start(client_fn(cfg, tables))
-        executor = SimulationExecutor(backend, seed=cfg.run.seed, deterministic=True)
-        answers = run_queries(cfg, make_runner(cfg, executor), list(range(len(tables))), quiet)
-    finally:
-        backend.close()
-    write_outputs(cfg, answers)
     return answers
 
 
