@@ -18,6 +18,7 @@ import pickle
 import shutil
 import tempfile
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from multiprocessing.connection import Connection, wait
@@ -41,6 +42,7 @@ from pollinate.types import Arrays, Outcome, Task, TrainRes
 log = logging.getLogger("pollinate")
 
 SHARE_MIN_BYTES = 1 << 16  # arrays at least this large are memory-mapped, not pickled
+PREFETCH = 2  # tasks in flight per worker: the running one and the next
 
 
 class _SharingPickler(pickle.Pickler):
@@ -205,34 +207,56 @@ class ProcessBackend(Backend):
         shm.buf[: len(payload)] = payload  # type: ignore[index]
         self._token += 1
         pending = longest_first(tasks)
-        idle = list(self._pool)
-        busy: dict[Connection, tuple[_Worker, Task]] = {}
+        # each worker's tasks in flight, oldest (running) first
+        queued: dict[_Worker, deque[Task]] = {w: deque() for w in self._pool}
+
+        def dispatch() -> None:
+            """One task per worker, then a second one queued behind it while there are
+            enough tasks left for everyone: a worker starts it the moment it has sent the
+            first one's result, instead of waiting a round trip for the parent."""
+            for depth in range(1, PREFETCH + 1):
+                for worker, flight in queued.items():
+                    if not pending or time.monotonic() >= deadline:
+                        return
+                    if depth > 1 and len(pending) < len(queued):
+                        return  # the last tasks go to whichever worker frees up first
+                    if len(flight) < depth:
+                        task = pending.pop(0)
+                        worker.conn.send(("task", self._token, shm.name, len(payload), task))
+                        flight.append(task)
+
+        def replace_worker(worker: _Worker) -> deque[Task]:
+            """Kill ``worker``, put a fresh one in its place; return its tasks in flight."""
+            flight = queued.pop(worker)
+            queued[self._replace(worker)] = deque()
+            return flight
+
         try:
-            while pending or busy:
-                while idle and pending and time.monotonic() < deadline:
-                    worker, task = idle.pop(), pending.pop(0)
-                    worker.conn.send(("task", self._token, shm.name, len(payload), task))
-                    busy[worker.conn] = (worker, task)
+            while pending or any(queued.values()):
+                dispatch()
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    for worker, task in list(busy.values()):
-                        self._replace(worker)
-                        yield timeout_outcome(task, "still running at the round deadline")
-                    busy.clear()
+                    for worker in [w for w, f in queued.items() if f]:
+                        running, *waiting = replace_worker(worker)
+                        yield timeout_outcome(running, "still running at the round deadline")
+                        pending[:0] = waiting
                     for task in pending:
                         yield timeout_outcome(task)
                     pending = []
                     break
-                for conn in wait(list(busy), timeout=remaining):
-                    worker, task = busy.pop(conn)  # type: ignore[call-overload]
-                    outcome = self._receive(worker, task)
+                ready = []
+                conns = {w.conn: w for w, f in queued.items() if f}
+                for conn in wait(list(conns), timeout=remaining):
+                    worker = conns[conn]  # type: ignore[index]
+                    outcome = self._receive(worker, queued[worker].popleft())
                     if outcome.error and outcome.error.startswith("worker"):
-                        worker = self._replace(worker)
-                    idle.append(worker)
-                    yield outcome
+                        pending[:0] = replace_worker(worker)  # queued behind the crash: rerun
+                    ready.append(outcome)
+                dispatch()  # freed workers start their next task before the results are used
+                yield from ready
         finally:
-            for worker, _ in busy.values():  # abandoned mid-round: don't leak stale results
-                self._replace(worker)
+            for worker in [w for w, f in queued.items() if f]:  # abandoned mid-round: don't
+                replace_worker(worker)  # leave stale results in a worker's pipe
             shm.close()
             shm.unlink()
 
