@@ -109,7 +109,7 @@ def test_the_strategy_and_the_server_never_hold_an_unmasked_update() -> None:
     assert len(masked) == 6  # the only arrays that reached the server: masked vectors
     for o in masked:
         (vector,) = o.result.arrays  # type: ignore[union-attr]
-        assert vector.dtype == np.uint64 and vector.size == 12
+        assert vector.dtype == np.uint32 and vector.size == 12  # 32-bit modulus: packed
         update = np.full(12, float(o.client_id))
         assert not np.allclose(vector.astype(np.float64), update)
         # uniform-looking: spread over the whole 32-bit range, not near the quantized update

@@ -300,7 +300,15 @@ def _add_shares(server: SecAggServer, o: Outcome) -> None:
 
 
 def _add_masked(server: SecAggServer, o: Outcome) -> None:
-    server.add_masked(o.client_id, o.result.arrays[0])  # type: ignore[union-attr]
+    vector = o.result.arrays[0]  # type: ignore[union-attr]
+    if vector.dtype == np.uint32:  # sent packed (modulus_bits <= 32)
+        vector = vector.astype(np.uint64)
+    server.add_masked(o.client_id, vector)
+
+
+def _packed(masked: np.ndarray, config: SecAggConfig) -> np.ndarray:
+    """The masked vector as it is sent: uint32 when the modulus fits (half the bytes)."""
+    return masked.astype(np.uint32) if config.modulus_bits <= 32 else masked
 
 
 def _add_reveal(server: SecAggServer, o: Outcome) -> None:
@@ -455,7 +463,7 @@ class SecureClient:
                     f"the local sums reach {peak:.6g}, beyond the secure aggregation "
                     f"clip_range {sec.clip_range:g}: raise secure_aggregation.clip_range"
                 )
-            masked = client_mask(secret, me, received, vector, sec)
+            masked = _packed(client_mask(secret, me, received, vector, sec), sec)
             return QueryRes([masked], q.num_examples, q.metrics)
         res = self.inner.train(arrays, inner_config)
         vector = flatten_update(res.arrays, arrays)
@@ -471,7 +479,7 @@ class SecureClient:
                 raise SecAggError(f"the metric {key!r} to sum securely is missing or not a number")
             extras.append(float(value))
         vector = np.concatenate([vector, np.asarray(extras, np.float64)])
-        masked = client_mask(secret, me, received, vector, sec)
+        masked = _packed(client_mask(secret, me, received, vector, sec), sec)
         return TrainRes([masked], res.num_examples, metrics)
 
 
