@@ -191,6 +191,9 @@ class RunFolderWriter(Callback):
         self.plots = plots
         self._best: float | None = None
         self.output.mkdir(parents=True, exist_ok=True)
+        from pollinate.report.files import HistoryFile
+
+        self._history_file = HistoryFile(self.output / "history.json")
 
     def on_run_start(self, rounds: int, start_round: int) -> None:
         from pollinate.report import write_json_atomic
@@ -198,10 +201,10 @@ class RunFolderWriter(Callback):
         write_json_atomic(self.output / "config.json", self.history.config)
 
     def on_round_end(self, record: dict[str, Any], arrays: Arrays) -> None:
-        from pollinate.report import write_history, write_metrics_csv
+        from pollinate.report import write_metrics_csv
 
         data = self.history.to_dict()
-        write_history(self.output / "history.json", data)
+        self._history_file.write(data)
         write_metrics_csv(self.output / "metrics.csv", data)
         meta = {"round": record["round"], "score": _score(record)}
         save_checkpoint(self.output / "checkpoints" / "last.npz", arrays, meta)

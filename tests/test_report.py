@@ -423,3 +423,26 @@ def test_report_title_falls_back_to_folder_name(tmp_path: Path) -> None:
     page = write_report(run_dir).read_text()
     assert "<h1>my-run</h1>" in page
     assert "(no config recorded)" in page
+
+
+def test_history_file_rewrites_incrementally_with_the_same_text(tmp_path):
+    import json as _json
+
+    from pollinate.report.files import HistoryFile, to_json_safe
+
+    def expected(h):
+        safe = to_json_safe(h, "h")
+        return _json.dumps(safe, indent=2, allow_nan=False, ensure_ascii=False) + "\n"
+
+    history = {"config": {"run": {"name": "é"}, "empty": {}}, "rounds": []}
+    writer = HistoryFile(tmp_path / "history.json")
+    for n in range(1, 5):
+        history["rounds"].append(
+            {"round": n, "clients": {"0": {"n": n}}, "loss": np.float32(0.5) / n, "x": []}
+        )
+    for n in (0, 1, 2, 4, 1, 3):  # growing, then a shorter history (a new run) and again
+        view = {"config": history["config"], "rounds": history["rounds"][:n]}
+        assert writer.write(view).read_text() == expected(view)
+    assert HistoryFile(tmp_path / "h.json").write({"rounds": []}).read_text() == expected(
+        {"rounds": []}
+    )

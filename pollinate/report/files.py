@@ -106,13 +106,49 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
 
 def write_history(path: str | os.PathLike[str], history: Mapping[str, Any]) -> Path:
     """Write a run's history (``{"config": {...}, "rounds": [...]}``) to ``path`` atomically."""
-    _check_history(history, "history")
-    text = json.dumps(
-        to_json_safe(history, "history"), indent=2, allow_nan=False, ensure_ascii=False
-    )
-    with atomic_open(path) as handle:
-        handle.write(text + "\n")
-    return Path(path)
+    return HistoryFile(path).write(history)
+
+
+class HistoryFile:
+    """``history.json``, rewritten atomically after every round without encoding the earlier
+    rounds again: each round's JSON text is kept once written, so a round costs its own
+    encoding plus one file write, not a re-encoding of the whole run (which grows with
+    rounds × clients). The text is exactly ``json.dumps(history, indent=2)``.
+
+    Rounds are taken to be append-only; a history with fewer rounds than were written
+    (a new run into the same writer) starts the cache over.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._rounds: list[str] = []  # each round's text, indented as inside the file
+
+    def write(self, history: Mapping[str, Any]) -> Path:
+        _check_history(history, "history")
+        rounds = history["rounds"]
+        if len(rounds) < len(self._rounds):
+            self._rounds = []
+        for entry in rounds[len(self._rounds) :]:
+            self._rounds.append(_indented(_dumps(entry, "history round"), 4))
+        others = {k: v for k, v in history.items() if k != "rounds"}
+        head = _dumps(others, "history")[:-2]  # without its closing "\n}"
+        if rounds:
+            body = '"rounds": [\n' + ",\n".join(self._rounds) + "\n  ]"
+        else:
+            body = '"rounds": []'
+        text = (head + ",\n  " if others else "{\n  ") + body + "\n}"
+        with atomic_open(self.path) as handle:
+            handle.write(text + "\n")
+        return self.path
+
+
+def _dumps(obj: Any, what: str) -> str:
+    return json.dumps(to_json_safe(obj, what), indent=2, allow_nan=False, ensure_ascii=False)
+
+
+def _indented(text: str, spaces: int) -> str:
+    pad = " " * spaces
+    return "\n".join(pad + line for line in text.split("\n"))
 
 
 def read_history(path: str | os.PathLike[str]) -> dict[str, Any]:
