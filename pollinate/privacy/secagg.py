@@ -313,9 +313,16 @@ def prg(seed: bytes, length: int) -> NDArray[np.uint64]:
     2^64, so the low m bits are the same as reducing every step).
     """
     encryptor = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor()
-    stream = encryptor.update(bytes(8 * length))
-    words: NDArray[np.uint64] = np.frombuffer(stream, dtype="<u8").astype(np.uint64, copy=False)
-    return words
+    words: NDArray[np.uint64] = np.empty(length, dtype="<u8")
+    out = memoryview(words).cast("B")
+    zeros = bytes(min(len(out), _PRG_CHUNK))  # the keystream in cache-sized pieces, written
+    for start in range(0, len(out), _PRG_CHUNK):  # straight into the result (no 8-byte-per-
+        piece = out[start : start + _PRG_CHUNK]  # word temporaries)
+        piece[:] = encryptor.update(zeros[: len(piece)])
+    return words.astype(np.uint64, copy=False)
+
+
+_PRG_CHUNK = 1 << 20
 
 
 def shamir_split(secret: int, threshold: int, xs: Sequence[int]) -> dict[int, int]:
