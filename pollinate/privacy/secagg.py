@@ -314,11 +314,11 @@ def prg(seed: bytes, length: int) -> NDArray[np.uint64]:
     """
     encryptor = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor()
     words: NDArray[np.uint64] = np.empty(length, dtype="<u8")
-    out = memoryview(words).cast("B")
-    zeros = bytes(min(len(out), _PRG_CHUNK))  # the keystream in cache-sized pieces, written
-    for start in range(0, len(out), _PRG_CHUNK):  # straight into the result (no 8-byte-per-
-        piece = out[start : start + _PRG_CHUNK]  # word temporaries)
-        piece[:] = encryptor.update(zeros[: len(piece)])
+    out = words.view(np.uint8)
+    zeros = bytes(min(out.size, _PRG_CHUNK))  # the keystream in cache-sized pieces, written
+    for start in range(0, out.size, _PRG_CHUNK):  # straight into the result (no 8-byte-per-
+        n = min(_PRG_CHUNK, out.size - start)  # word temporaries)
+        out[start : start + n] = np.frombuffer(encryptor.update(zeros[:n]), np.uint8)
     return words.astype(np.uint64, copy=False)
 
 
