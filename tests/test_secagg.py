@@ -658,3 +658,13 @@ def test_shamir_input_checks():
         shamir_split(1, 2, [0, 1])
     with pytest.raises(SecAggError, match="secret must be"):
         shamir_split(PRIME, 1, [1])
+
+
+@pytest.mark.parametrize("length", [0, 1, 131_071, 131_072, 131_073, 400_000])
+def test_prg_is_the_chacha20_keystream_across_chunk_boundaries(length: int) -> None:
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+    seed = bytes(range(32))
+    encryptor = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor()
+    expected = np.frombuffer(encryptor.update(bytes(8 * length)), dtype="<u8")
+    np.testing.assert_array_equal(prg(seed, length), expected)
