@@ -293,11 +293,14 @@ def _check_secure(cfg: RunConfig) -> None:
 
 
 def _max_clients_per_round(cfg: RunConfig) -> int:
-    """The most clients a round can sample (Poisson sampling: all of them, in principle)."""
+    """The most clients a round is expected to sample. Poisson sampling draws a binomial
+    number: its mean plus 6 standard deviations (exceeded about once in 10^9 rounds; a round
+    that does sample more is refused by the round's own check, with the same explanation)."""
     n = cfg.data.num_clients
+    q = cfg.strategy.fraction_train
     if cfg.privacy.mode == "central" and cfg.privacy.sampling == "poisson":
-        return n
-    return min(n, max(cfg.strategy.min_train_clients, math.ceil(cfg.strategy.fraction_train * n)))
+        return min(n, math.ceil(n * q + 6 * math.sqrt(n * q * (1 - q))))
+    return min(n, max(cfg.strategy.min_train_clients, math.ceil(q * n)))
 
 
 def _check_privacy(p: PrivacySection) -> None:

@@ -315,3 +315,15 @@ def test_adaptive_clipping_resumes_from_the_last_recorded_clip(tmp_path):
     assert resumed.clip == records[-1]["privacy"]["next_clip"] != 0.1
     with pytest.raises(PrivacyError, match="next_clip"):
         resumed.restore([{"round": 1, "privacy": {}}])
+
+
+def test_poisson_sampling_checks_the_modulus_against_likely_rounds_not_every_client(tmp_path):
+    common = [
+        "privacy.mode=central",
+        "privacy.clip_on=client",
+        "secure_aggregation.enabled=true",
+        "data.num_clients=2000",
+    ]
+    small(tmp_path, *common, "strategy.fraction_train=0.01")  # ~20 per round: fine
+    with pytest.raises(ConfigError, match="at most 1024 clients"):
+        small(tmp_path, *common, "strategy.fraction_train=0.9")
