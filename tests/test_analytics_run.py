@@ -316,3 +316,36 @@ def test_readme_shows_what_the_demo_prints(tmp_path: Path) -> None:
     printed = format_table(run_analytics(cfg, quiet=True)).splitlines()
     exact = [line for line in shown if not line.startswith("noisy_")]  # noise differs
     assert exact == [line for line in printed[: len(shown)] if not line.startswith("noisy_")]
+
+
+def test_groups_are_discovered_when_the_query_lists_none(tmp_path: Path) -> None:
+    lines = DEMO.read_text().splitlines(keepends=True)
+    first = next(i for i, line in enumerate(lines) if line.startswith("groups = [1, 2]"))
+    text = "".join(lines[:first] + lines[first + 1 :])  # bmi_histogram lists no groups
+    config = tmp_path / "a.toml"
+    config.write_text(text)
+    cfg = load_analytics(config, [f"run.output={tmp_path}", "secure_aggregation.enabled=true"])
+    assert cfg.discover == {"bmi_histogram"}
+    assert "groups" not in cfg.to_dict()["query"][2]
+    answers = {a["query"]: a for a in run_analytics(cfg, quiet=True)}
+    hist = answers["bmi_histogram"]
+    assert hist["groups_discovered"] and hist["groups"] == [1, 2]
+    whole = pd.concat(demo_tables(), ignore_index=True)
+    for g in (1, 2):
+        expected = np.histogram(whole[whole.sex == g].bmi, bins=[15, 20, 25, 30, 35, 40, 45])[0]
+        assert hist["value"][str(g)]["counts"] == expected.tolist()
+    strict = load_analytics(config, [f"run.output={tmp_path}", "privacy.require_dp=true"])
+    refused = {a["query"]: a for a in run_analytics(strict, quiet=True)}["bmi_histogram"]
+    assert refused["value"] is None and "list the groups" in refused["reason"]
+
+
+def test_a_secure_table_client_answers_only_empty_results_in_the_clear() -> None:
+    from pollinate.analytics.runner import DISCOVER
+    from pollinate.client import ClientContext
+    from pollinate.privacy.secagg import SecAggError
+
+    client = SecureClient(TableClientFn(demo_tables()))(ClientContext(0, 0))
+    listed = client.query([], {DISCOVER: "sex"})  # group values: no sums, nothing to mask
+    assert json.loads(str(listed.metrics["groups"])) == [1, 2]
+    with pytest.raises(SecAggError, match="only through secure aggregation"):
+        client.query([], {QUERY: Query("count").to_json()})  # a sum: never in the clear

@@ -110,6 +110,8 @@ class AnalyticsConfig:
     secure_aggregation: AnalyticsSecure = field(default_factory=AnalyticsSecure)
     simulation: AnalyticsSimulation = field(default_factory=AnalyticsSimulation)
     queries: list[Query] = field(default_factory=list)
+    #: queries with group_by but no groups: their groups are asked of the clients first
+    discover: set[str] = field(default_factory=set)
 
     @property
     def output_dir(self) -> Path:
@@ -118,8 +120,17 @@ class AnalyticsConfig:
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for f in fields(self):
+            if f.name == "discover":
+                continue
             if f.name == "queries":
-                out["query"] = [q.to_dict() for q in self.queries]
+                out["query"] = [
+                    {
+                        k: v
+                        for k, v in q.to_dict().items()
+                        if k != "groups" or q.name not in self.discover
+                    }
+                    for q in self.queries
+                ]
             else:
                 out[f.name] = dict(vars(getattr(self, f.name)))
         return out
@@ -182,6 +193,9 @@ def from_dict(raw: dict[str, Any]) -> AnalyticsConfig:
     for i, q in enumerate(queries):
         if isinstance(q, dict):
             q = {"name": f"query{i + 1}", **q}
+            if q.get("group_by") is not None and "groups" not in q:
+                cfg.discover.add(str(q["name"]))  # checked now with a stand-in group
+                q = {**q, "groups": [""]}
         cfg.queries.append(Query.from_dict(q))
     names = [q.name for q in cfg.queries]
     if len(set(names)) != len(names):

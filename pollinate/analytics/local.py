@@ -143,6 +143,33 @@ def local_sums(
     return blocks.ravel()
 
 
+def local_groups(table: pd.DataFrame, column: str, policy: Policy | None = None) -> list[Any]:
+    """The values of ``column`` this client holds, for a query whose ``groups`` are to be
+    discovered: only values with at least ``min_group_size`` rows (smaller groups are not
+    reported, and so not analysed), missing values never; QueryRefused for a column the
+    data holder does not expose."""
+    policy = policy if policy is not None else Policy()
+    probe = Query("count", group_by=column, groups=("",))  # only to check the column
+    _check_columns(table, probe, policy)
+    counts = table[column].dropna().value_counts()
+    values = [_plain(v) for v in counts.index[counts >= policy.min_group_size]]
+    for v in values:
+        if not isinstance(v, (str, int, float, bool)):
+            raise QueryRefused(
+                f"column {column!r} holds {type(v).__name__} values; group by a "
+                "column of strings, numbers or booleans"
+            )
+    return sorted(values, key=lambda v: (str(type(v)), v))
+
+
+def _plain(value: Any) -> Any:
+    """A NumPy/pandas scalar as a plain Python one; whole floats as ints (1.0 → 1)."""
+    value = value.item() if hasattr(value, "item") else value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 # --- checks ---------------------------------------------------------------------------------
 
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from pollinate.analytics.combine import answer
 from pollinate.analytics.dp import PrivacySession, QueryBudgetExceeded, add_noise
-from pollinate.analytics.local import Policy, local_sums
+from pollinate.analytics.local import Policy, local_groups, local_sums
 from pollinate.analytics.quantile import QuantileSearch
 from pollinate.analytics.query import Query
 from pollinate.errors import PollinateError
@@ -49,6 +49,8 @@ log = logging.getLogger("pollinate")
 
 QUERY = "query"  # task config: the query, JSON
 STAGE = "query_stage"  # task config: a quantile stage request, JSON
+DISCOVER = "query_discover_groups"  # task config: the column whose values to report
+GROUPS = "groups"  # result metric: the values found, JSON
 
 
 class TableClient:
@@ -64,6 +66,10 @@ class TableClient:
         self.policy = policy or Policy()
 
     def query(self, arrays: Arrays, config: Config) -> QueryRes:
+        column = config.get(DISCOVER)
+        if isinstance(column, str):  # which values of a group_by column this holder has
+            values = local_groups(self.table, column, self.policy)
+            return QueryRes([np.zeros(0)], 0, {GROUPS: json.dumps(values)})
         text = config.get(QUERY)
         if not isinstance(text, str):
             raise ValueError(f"the task config has no {QUERY!r}: this is not a query task")
@@ -176,6 +182,38 @@ class QueryRunner:
             record["epsilon"] = self.session.epsilon  # the session's ε after this query
             record["delta"] = self.session.delta
         return record
+
+    def discover_groups(
+        self, query: Query, clients: Sequence[ClientId]
+    ) -> tuple[Query, dict[str, str]]:
+        """``query`` with its ``groups`` set to every value of its ``group_by`` column that
+        some client holds (with at least its ``min_group_size`` rows), asked in the clear
+        before the query itself; and the clients that refused, with their reasons."""
+        assert query.group_by is not None
+        self.exchanges += 1
+        plan = [(cid, QueryIns([], {DISCOVER: query.group_by})) for cid in clients]
+        found: set[Any] = set()
+        refused: dict[str, str] = {}
+        for o in self.executor.submit(self.exchanges, "query", plan, self.timeout_s):
+            text = o.result.metrics.get(GROUPS) if isinstance(o.result, QueryRes) else None
+            try:
+                values = json.loads(text) if isinstance(text, str) else None
+            except ValueError:
+                values = None
+            if o.error is not None or not isinstance(values, list):
+                refused[str(o.client_id)] = _reason(o.error or "no list of group values")
+                continue
+            if not all(isinstance(v, (str, int, float, bool)) for v in values):
+                refused[str(o.client_id)] = "group values must be strings, numbers or booleans"
+                continue
+            found.update(values)
+        if not found:
+            raise PollinateError(
+                f"no client reported a value of {query.group_by!r} to group by "
+                f"({len(refused)} refused or failed)"
+            )
+        groups = sorted(found, key=lambda v: (type(v).__name__, v))
+        return Query.from_dict({**query.to_dict(), "groups": groups}), refused
 
     def _exchange(
         self, query: Query, clients: Sequence[ClientId], config: Config, observe: Observe

@@ -19,8 +19,10 @@ from typing import Any
 
 from pollinate.analytics.config import AnalyticsConfig, secure_config
 from pollinate.analytics.dp import PrivacySession
+from pollinate.analytics.query import Query
 from pollinate.analytics.runner import QueryRunner, TableClientFn
 from pollinate.analytics.tables import load_tables
+from pollinate.errors import PollinateError
 from pollinate.types import ClientId
 
 log = logging.getLogger("pollinate")
@@ -70,12 +72,51 @@ def run_queries(
     answers = []
     for i, query in enumerate(cfg.queries, start=1):
         started = time.monotonic()
-        record = runner.run(query, clients)
+        record = _run_one(cfg, runner, query, clients)
         record["wall_s"] = round(time.monotonic() - started, 4)
         answers.append(record)
         if not quiet:
             log.warning("query %d/%d %s: %s", i, len(cfg.queries), query.name, _short(record))
     return answers
+
+
+def _run_one(
+    cfg: AnalyticsConfig, runner: QueryRunner, query: Query, clients: Sequence[ClientId]
+) -> dict[str, Any]:
+    """One query; first its groups, asked of the clients, when the config lists none."""
+    if query.name not in cfg.discover:
+        return runner.run(query, clients)
+    if cfg.privacy.require_dp:
+        why = (
+            f"privacy.require_dp is on: list the groups of {query.group_by!r} in the query "
+            "(asking the clients for them is not differentially private)"
+        )
+        return {
+            "query": query.name,
+            "statistic": query.statistic,
+            "value": None,
+            "rows": None,
+            "reason": why,
+            "answered": [],
+            "refused": {},
+        }
+    try:
+        query, refused = runner.discover_groups(query, clients)
+    except PollinateError as exc:
+        return {
+            "query": query.name,
+            "statistic": query.statistic,
+            "value": None,
+            "rows": None,
+            "reason": str(exc),
+            "answered": [],
+            "refused": {},
+        }
+    record = runner.run(query, clients)
+    record["groups_discovered"] = True
+    for cid, why in refused.items():
+        record.setdefault("refused", {}).setdefault(cid, f"listing groups: {why}")
+    return record
 
 
 def write_outputs(cfg: AnalyticsConfig, answers: list[dict[str, Any]]) -> Path:
