@@ -256,6 +256,7 @@ def test_secure_dp_fedavg_through_the_cli(tmp_path):
         "secure_aggregation.enabled=true",
         "secure_aggregation.neighbours=4",
         "secure_aggregation.threshold=3",
+        "run.deterministic=true",  # the clients' noise too: the same figures every time
         f"run.output={tmp_path / 'run'}",
     ]
     args = [a for s in sets for a in ("--set", s)]

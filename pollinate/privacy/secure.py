@@ -85,9 +85,10 @@ MESSAGE = "secagg_message"  # a stage's JSON payload, both ways
 WEIGHTING = "secagg_max_weight"  # 0: uniform weights
 NOISE = "secagg_noise_stddev"  # distributed DP: each client's share of the noise
 SUMMED = "secagg_summed_metrics"  # comma-separated metrics summed securely, not sent
+SEEDED = "secagg_seeded_noise"  # draw the noise from the task's seed (reproducible runs)
 CONFIG = "secagg_config"  # the SecAggConfig, JSON
 THRESHOLD = "secagg_threshold"  # t: shares needed to rebuild a secret
-_KEYS = (STAGE, TAG, MESSAGE, WEIGHTING, NOISE, SUMMED, CONFIG, THRESHOLD)
+_KEYS = (STAGE, TAG, MESSAGE, WEIGHTING, NOISE, SUMMED, CONFIG, THRESHOLD, SEEDED)
 
 
 def _config_json(config: SecAggConfig) -> str:
@@ -118,7 +119,9 @@ class SecureAggregation:
 
     ``max_weight``: example counts are capped at this for the FedAvg weights (0: uniform
     weights; always uniform under ``CentralDP``). ``run_tag`` binds keys to one run (a
-    random one by default).
+    random one by default). ``seed`` makes the neighbour graph and, under ``CentralDP``, the
+    clients' noise reproducible (from each task's seed): for experiments only, since anyone
+    who knows the seed can remove the noise.
     """
 
     def __init__(
@@ -161,6 +164,8 @@ class SecureAggregation:
         if dp is not None:
             sigma = dp.update_noise_multiplier * dp.clip
             config[NOISE] = sigma / math.sqrt(len(plan)) if plan else 0.0
+            if self.seed is not None:  # experiments only: the noise becomes reproducible
+                config[SEEDED] = True
             if dp.adaptive is not None:
                 config[SUMMED] = BELOW_CLIP_KEY
         total, outcomes, failures = self.aggregate(
@@ -474,8 +479,10 @@ class SecureClient:
         res = self.inner.train(arrays, inner_config)
         vector = flatten_update(res.arrays, arrays)
         stddev = float(config.get(NOISE, 0.0))
-        if stddev > 0:
-            vector += np.random.default_rng().normal(0.0, stddev, size=vector.shape)
+        if stddev > 0:  # secret noise, unless the server runs a seeded experiment
+            seed = config.get("seed") if config.get(SEEDED) is True else None
+            rng = np.random.default_rng([0x5EC, int(seed)] if seed is not None else None)
+            vector += rng.normal(0.0, stddev, size=vector.shape)
         vector *= _weight(res.num_examples, int(config.get(WEIGHTING, 0)))
         metrics: Metrics = dict(res.metrics)
         extras = []
