@@ -349,3 +349,39 @@ def test_a_secure_table_client_answers_only_empty_results_in_the_clear() -> None
     assert json.loads(str(listed.metrics["groups"])) == [1, 2]
     with pytest.raises(SecAggError, match="only through secure aggregation"):
         client.query([], {QUERY: Query("count").to_json()})  # a sum: never in the clear
+
+
+class _Liar:
+    """Answers every query with something that cannot be added up."""
+
+    def __init__(self, ctx: Any) -> None:
+        self.cid = ctx.client_id
+
+    def query(self, arrays: Any, config: Any) -> QueryRes:
+        bad = [np.zeros(3), np.full(2, np.nan), np.zeros((1, 2))][self.cid % 3]
+        return QueryRes([bad], 0, {})
+
+
+class _Mixed:
+    """Clients 0-2 lie, the others answer honestly from the demo tables."""
+
+    def __init__(self) -> None:
+        self.honest = TableClientFn(demo_tables())
+
+    def __call__(self, ctx: Any) -> Any:
+        return _Liar(ctx) if ctx.client_id < 3 else self.honest(ctx)
+
+
+def test_malformed_answers_are_refused_and_the_rest_counted() -> None:
+    engine = make_backend("sequential")
+    engine.start(_Mixed())
+    try:
+        runner = QueryRunner(SimulationExecutor(engine))
+        record = runner.run(Query("mean", "age", name="a"), list(range(8)))
+    finally:
+        engine.close()
+    assert record["answered"] == [3, 4, 5, 6, 7]
+    reasons = record["refused"]
+    assert "shape (3,)" in reasons["0"] and "NaN" in reasons["1"] and "shape (1, 2)" in reasons["2"]
+    honest = pd.concat(demo_tables()[3:])
+    assert record["value"] == pytest.approx(honest.age.mean())
