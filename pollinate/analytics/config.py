@@ -44,7 +44,7 @@ from typing import Any
 from pollinate.analytics.dp import ACCOUNTANTS
 from pollinate.analytics.local import Policy
 from pollinate.analytics.query import Query
-from pollinate.config import parse_override
+from pollinate.config import parse_override, read_toml
 from pollinate.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -158,13 +158,7 @@ def is_analytics(path: str | Path) -> bool:
 
 def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> AnalyticsConfig:
     """Read an analytics config and apply ``--set section.key=value`` overrides."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist")
-    try:
-        raw = tomllib.loads(p.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{p} is not valid TOML: {exc}") from None
+    raw = read_toml(path)
     for text in overrides:
         section, key, value = parse_override(text)
         if section == "query" or not isinstance(raw.setdefault(section, {}), dict):
