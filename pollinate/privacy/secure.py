@@ -138,7 +138,6 @@ class SecureAggregation:
         self.max_weight = int(max_weight)
         self.run_tag = run_tag or secrets.token_hex(8)
         self.seed = seed
-        self.kind: TaskKind = "train"
 
     # --- the round --------------------------------------------------------------------
 
