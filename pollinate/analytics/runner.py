@@ -132,19 +132,19 @@ class QueryRunner:
         if query.private:
             if self.session is None:
                 why = "a private query needs a privacy session (the [privacy] section)"
-                return _refused_record(query, why, None)
+                return refused_record(query, why, None)
             try:  # 1. charged before any client is asked
                 self.session.charge(query)
             except QueryBudgetExceeded as exc:
                 log.warning("%s", exc)
-                return _refused_record(query, f"privacy budget: {exc}", self.session)
+                return refused_record(query, f"privacy budget: {exc}", self.session)
             z = self.session.noise_multiplier(query)
         elif self.require_dp:
             why = (
                 "privacy.require_dp is on and this query has no noise: give it a "
                 "noise_multiplier or a target epsilon (and bounds)"
             )
-            return _refused_record(query, why, self.session)
+            return refused_record(query, why, self.session)
         answered: set[ClientId] = set()
         refused: dict[str, str] = {}
 
@@ -173,7 +173,7 @@ class QueryRunner:
                 record = answer(query, exchange(None), noise_multiplier=z)
         except PollinateError as exc:
             log.warning("%s", exc)
-            record = _refused_record(query, str(exc), self.session)
+            record = refused_record(query, str(exc), self.session)
         record["answered"] = sorted(answered - {int(c) for c in refused})
         record["refused"] = refused
         record["secure_aggregation"] = self.secure is not None
@@ -190,6 +190,11 @@ class QueryRunner:
         some client holds (with at least its ``min_group_size`` rows), asked in the clear
         before the query itself; and the clients that refused, with their reasons."""
         assert query.group_by is not None
+        if self.require_dp:
+            raise PollinateError(
+                f"privacy.require_dp is on: list the groups of {query.group_by!r} in the query "
+                "(asking the clients for them is not differentially private)"
+            )
         self.exchanges += 1
         plan = [(cid, QueryIns([], {DISCOVER: query.group_by})) for cid in clients]
         found: set[Any] = set()
@@ -277,7 +282,8 @@ def round_counts(query: Query, total: np.ndarray) -> np.ndarray:
     return out
 
 
-def _refused_record(query: Query, reason: str, session: PrivacySession | None) -> dict[str, Any]:
+def refused_record(query: Query, reason: str, session: PrivacySession | None) -> dict[str, Any]:
+    """The record of a query answered by nobody, and why."""
     record: dict[str, Any] = {"query": query.name, "statistic": query.statistic}
     record.update(value=None, rows=None, reason=reason, answered=[], refused={})
     record["private"] = query.private

@@ -20,7 +20,7 @@ from typing import Any
 from pollinate.analytics.config import AnalyticsConfig, secure_config
 from pollinate.analytics.dp import PrivacySession
 from pollinate.analytics.query import Query
-from pollinate.analytics.runner import QueryRunner, TableClientFn
+from pollinate.analytics.runner import QueryRunner, TableClientFn, refused_record
 from pollinate.analytics.tables import load_tables
 from pollinate.errors import PollinateError
 from pollinate.types import ClientId
@@ -86,32 +86,10 @@ def _run_one(
     """One query; first its groups, asked of the clients, when the config lists none."""
     if query.name not in cfg.discover:
         return runner.run(query, clients)
-    if cfg.privacy.require_dp:
-        why = (
-            f"privacy.require_dp is on: list the groups of {query.group_by!r} in the query "
-            "(asking the clients for them is not differentially private)"
-        )
-        return {
-            "query": query.name,
-            "statistic": query.statistic,
-            "value": None,
-            "rows": None,
-            "reason": why,
-            "answered": [],
-            "refused": {},
-        }
     try:
         query, refused = runner.discover_groups(query, clients)
     except PollinateError as exc:
-        return {
-            "query": query.name,
-            "statistic": query.statistic,
-            "value": None,
-            "rows": None,
-            "reason": str(exc),
-            "answered": [],
-            "refused": {},
-        }
+        return refused_record(query, str(exc), None)
     record = runner.run(query, clients)
     record["groups_discovered"] = True
     for cid, why in refused.items():
