@@ -291,3 +291,18 @@ if hypothesis is not None:
     def test_hypothesis_random_bytes(body: bytes) -> None:
         _decodes_or_serialization_error(body)
         _decodes_or_serialization_error(b"PLN1" + body)
+
+
+def test_padding_is_zeroed_so_no_stale_memory_is_sent() -> None:
+    arrays = [np.ones(3, np.int8), np.full(5, -1, np.int16), np.zeros((0, 2)), np.array(True)]
+    for _ in range(3):  # fresh buffers may reuse memory that held other bytes
+        np.full(1 << 20, 0xAB, dtype=np.uint8).sum()
+        data = np.frombuffer(serde.dumps(arrays), dtype=np.uint8)
+        head = 8 + sum(1 + len(a.dtype.str) + 1 + 8 * a.ndim + 8 for a in arrays)
+        padding = np.ones(len(data), dtype=bool)
+        padding[:head] = False
+        for a in serde.loads(data):
+            start = a.__array_interface__["data"][0] - data.ctypes.data
+            padding[start : start + a.nbytes] = False
+        assert padding.sum() > 200  # header padding, gaps between arrays, the tail
+        assert not data[padding].any()
