@@ -86,7 +86,7 @@ def dumps(arrays: Sequence[np.ndarray]) -> memoryview:
             out[off : off + a.nbytes] = flat
         end = off + a.nbytes
     out[end:] = 0
-    return memoryview(out)
+    return memoryview(out)  # type: ignore[arg-type]
 
 
 def loads(
