@@ -40,6 +40,8 @@ from deploy_common import (  # noqa: E402 - also puts the repository on sys.path
     stop_process,
 )
 
+from pollinate.transport.grpc.server import DEFAULT_RESULT_MEMORY_BYTES  # noqa: E402
+
 WAIT_S = 180.0  # bound on any single wait
 
 
@@ -117,7 +119,7 @@ class Watched:
             self.waiting = max(self.waiting, sum(f <= t for f in finished) - i)
 
 
-def server_main(clients: int, rounds: int, params: int) -> None:
+def server_main(clients: int, rounds: int, params: int, result_memory_mib: int) -> None:
     """Serve, measure each phase, print one JSON line, then wait for stdin to close."""
     from pollinate.server import run
     from pollinate.strategy import FedAvg
@@ -126,7 +128,11 @@ def server_main(clients: int, rounds: int, params: int) -> None:
     logging.getLogger("pollinate").setLevel(logging.ERROR)
     report: dict[str, Any] = {}
     fleet = FleetServer(
-        "127.0.0.1:0", heartbeat_s=5.0, run_id="bench", max_connections=clients + 50
+        "127.0.0.1:0",
+        heartbeat_s=5.0,
+        run_id="bench",
+        max_connections=clients + 50,
+        result_memory_bytes=result_memory_mib << 20,
     ).start()
     try:
         time.sleep(1.0)
@@ -156,6 +162,8 @@ def server_main(clients: int, rounds: int, params: int) -> None:
         report["rounds"] = proc_status()
         report["sending_peak"] = sampler.peak(until=executor.first_result.get(1, 0.0))
         report["waiting"] = executor.waiting
+        report["held_peak"] = fleet.result_memory.peak
+        report["held_waits"] = fleet.result_memory.waits
         report["trained"] = [r["train"]["clients"] for r in result.history.rounds]
         print(json.dumps(report), flush=True)
         sys.stdin.read()  # the parent closes stdin when it has read the report
@@ -228,9 +236,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--params", type=int, default=100_000, help="float32 parameters")
     parser.add_argument("--client-procs", type=int, default=2)
+    parser.add_argument(
+        "--result-memory-mib",
+        type=int,
+        default=DEFAULT_RESULT_MEMORY_BYTES >> 20,
+        help="FleetServer(result_memory_bytes=...): client results held at once",
+    )
     args = parser.parse_args(argv)
     if args.role == "server":
-        server_main(args.clients, args.rounds, args.params)
+        server_main(args.clients, args.rounds, args.params, args.result_memory_mib)
         return 0
     if args.role == "clients":
         clients_main(args.address, args.first, args.count)
@@ -259,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         str(args.rounds),
         "--params",
         str(args.params),
+        "--result-memory-mib",
+        str(args.result_memory_mib),
     )
     children: list[subprocess.Popen[str]] = []
     try:
@@ -310,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
         f" above connected = {(report['sending_peak'] - conn['VmRSS']) / (n * model):.2f} x "
         f"clients x model; most finished results waiting for the aggregation at once: "
         f"{report['waiting']}"
+    )
+    print(
+        f"results held at once (result_memory_bytes = {args.result_memory_mib} MiB): at most "
+        f"{mb(report['held_peak'])}; {report['held_waits']} results waited for room"
     )
     return 0
 

@@ -26,7 +26,9 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from pollinate import serde
 from pollinate.client import ClientContext, task_seed
+from pollinate.errors import ConfigError
 from pollinate.security import make_ca, make_server_cert
 from pollinate.server import run
 from pollinate.simulation import simulate
@@ -47,6 +49,7 @@ from pollinate.transport.grpc.codec import (
     result_digest,
     to_signed,
 )
+from pollinate.transport.grpc.connection import ResultMemory
 from pollinate.transport.grpc.server import FleetServer, GrpcExecutor
 from pollinate.types import (
     EvaluateIns,
@@ -400,6 +403,51 @@ def test_consumer_stopping_early_frees_the_tasks(started) -> None:
     stream.close()  # type: ignore[attr-defined]
     assert fleet.status()["tasks_in_flight"] == 0
     gate.set()
+
+
+def test_result_memory_bound_holds_clients_back_until_the_consumer_catches_up(started) -> None:
+    arrays = [np.arange(50_000, dtype=np.float32)]  # a 200 KB result per client
+    size = len(serde.dumps(arrays))
+    fleet = serve(started, heartbeat_s=0.5, result_memory_bytes=3 * size)
+    clients(started, fleet, range(12), lambda ctx: EchoClient())
+    executor = GrpcExecutor(fleet)
+    seen = []
+    for outcome in executor.submit(1, "train", train_plan(range(12), arrays), WAIT):
+        assert outcome.ok, outcome.error
+        np.testing.assert_array_equal(outcome.result.arrays[0], arrays[0])  # type: ignore[union-attr]
+        seen.append(outcome.client_id)
+        time.sleep(0.3)  # a slow aggregation: 3.6 s in all, past 3 heartbeats (1.5 s)
+    memory = fleet.result_memory
+    assert sorted(seen) == list(range(12))
+    assert memory.peak <= 3 * size  # never more than the bound held at once
+    assert memory.waits > 0  # ... because readers waited, not because results trickled in
+    assert memory.held == 0 and fleet.connected() == list(range(12))  # nobody timed out
+    # a consumer that stops early frees what it did not take, late results included
+    stream = executor.submit(2, "train", train_plan(range(12), arrays), WAIT)
+    next(stream)
+    stream.close()  # type: ignore[attr-defined]
+    deadline = time.monotonic() + WAIT
+    while memory.held:
+        assert time.monotonic() < deadline, f"{memory.held} bytes still held"
+        time.sleep(0.01)
+
+
+def test_result_memory_lets_one_oversized_result_through_alone() -> None:
+    memory = ResultMemory(100)
+    big = memory.hold(250, lambda: True)  # alone: let in though past the bound
+    assert big is not None and memory.held == 250
+    asked = []
+    assert memory.hold(10, lambda: asked.append(1) or False) is None  # closed while waiting
+    assert asked and memory.held == 250
+    got: list[Any] = []
+    waiter = threading.Thread(target=lambda: got.append(memory.hold(60, lambda: True)))
+    waiter.start()
+    big.release()
+    big.release()  # idempotent
+    waiter.join(WAIT)
+    assert got[0] is not None and memory.held == 60 and memory.peak == 250
+    with pytest.raises(ConfigError, match="result_memory_bytes"):
+        ResultMemory(0)
 
 
 KILLED_CLIENT = textwrap.dedent(

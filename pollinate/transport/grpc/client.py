@@ -275,6 +275,7 @@ class _Session:
         self.last_recv = self.last_beat = time.monotonic()
         self.outbox: queue.Queue[Any] = queue.Queue()
         self.incoming: dict[str, tuple[pb.Task, Config, Assembler]] = {}
+        self.current = ""  # the task whose chunks come next (the server's chunks carry no id)
         self.cancelled: set[str] = set()
         self._lock = threading.Lock()
         self._call: Any = None
@@ -447,8 +448,11 @@ class _Session:
         )
 
     def _on_task(self, task: pb.Task) -> None:
+        if not task.task_id:
+            raise ProtocolError("a Task without a task_id")
         if task.task_id in self.incoming:
             raise ProtocolError(f"task {task.task_id!r} sent twice")
+        self.current = task.task_id
         if task.kind not in TASK_KINDS:
             self._refuse(task, f"unknown task kind {task.kind!r}")
             return
@@ -466,15 +470,16 @@ class _Session:
         self.incoming[task.task_id] = (task, config, assembler)
 
     def _on_chunk(self, chunk: pb.Chunk) -> None:
-        entry = self.incoming.get(chunk.task_id)
+        task_id = chunk.task_id or self.current  # no id: a chunk of the last Task header
+        entry = self.incoming.get(task_id)
         if entry is None:
-            if chunk.task_id in self.cancelled:
+            if task_id in self.cancelled:
                 return
-            raise ProtocolError(f"a Chunk for unknown task {chunk.task_id!r}")
+            raise ProtocolError(f"a Chunk for unknown task {task_id!r}")
         task, config, assembler = entry
         if not assembler.add(chunk.offset, chunk.data, chunk.last):
             return
-        del self.incoming[chunk.task_id]
+        del self.incoming[task_id]
         arrays = decode(assembler.result(), self.max_payload_bytes, writeable=True)
         kind = next(k for k in TASK_KINDS if k == task.kind)
         self.worker.submit(self, task.task_id, kind, config, arrays)

@@ -28,7 +28,7 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise missing_dependency("protobuf", "deploy") from e
 
-PROTOCOL = 1
+PROTOCOL = 2  # 2: the server's chunks leave task_id empty (they belong to the last Task)
 DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB
 DEFAULT_MAX_MESSAGE_BYTES = 4 << 20  # a gRPC message: one chunk plus its header
 DEFAULT_MAX_PAYLOAD_BYTES = 4 << 30  # one task's or result's Arrays
@@ -82,6 +82,36 @@ def encode(arrays: Arrays, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Payload:
     digest = hashlib.sha256(view).digest()
     view.release()
     return Payload(chunks, len(data), digest)
+
+
+@dataclass(frozen=True)
+class Broadcast:
+    """A task's Arrays as serialized ``ServerMessage`` chunk frames, identical for every client.
+
+    The server's chunks leave ``task_id`` empty: on the server's half of a stream a task's
+    chunks always follow its ``Task`` header with nothing in between, so they need no id. That
+    makes the frames the same bytes for every client: serialized once per round and shared,
+    instead of a protobuf message and a serialized copy per client per chunk.
+    """
+
+    frames: tuple[bytes, ...]
+    size: int
+    sha256: bytes
+
+
+def broadcast(arrays: Arrays, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Broadcast:
+    """Serialize ``arrays`` once into ready-to-send chunk frames (see :class:`Broadcast`)."""
+    payload = encode(arrays, chunk_bytes)
+    frames = tuple(
+        pb.ServerMessage(chunk=pb.Chunk(offset=offset, data=data, last=last)).SerializeToString()
+        for offset, data, last in payload.pieces()
+    )
+    return Broadcast(frames, payload.size, payload.sha256)
+
+
+def serialize_server_message(msg: pb.ServerMessage | bytes) -> bytes:
+    """gRPC's serializer for the server's half of a stream: frames pass through as they are."""
+    return msg if isinstance(msg, bytes) else msg.SerializeToString()
 
 
 def decode(data: np.ndarray, max_bytes: int, *, writeable: bool = False) -> Arrays:

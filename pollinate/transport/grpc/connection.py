@@ -14,15 +14,16 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from pollinate.errors import ConfigError
 from pollinate.transport.grpc import pollinate_pb2 as pb
 from pollinate.transport.grpc.auth import AuthError
 from pollinate.transport.grpc.codec import (
     Assembler,
-    Payload,
+    Broadcast,
     ProtocolError,
     decode,
     loads_scalars,
@@ -40,6 +41,65 @@ log = logging.getLogger("pollinate")
 CLOSE = object()  # wakes a connection's sender to end the stream
 EXPIRED_KEPT = 1024  # task ids of timed-out tasks remembered per connection
 CLOSE_GRACE_S = 5.0  # a closed stream that has not ended after this is cancelled
+
+
+class ResultMemory:
+    """Bounds the bytes of client results held by the server: being received, or received and
+    waiting for the aggregation to take them.
+
+    A connection's reader asks for a result's declared size before reassembling it and waits
+    while the bound would be passed. A waiting reader reads nothing from its stream, so gRPC's
+    flow control holds that client back until the aggregation has caught up: server memory stays
+    near ``limit`` however many clients answer at once, instead of growing with clients x model.
+    One result is always let in when nothing is held, so a result larger than ``limit`` waits
+    its turn instead of deadlocking.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ConfigError(f"result_memory_bytes must be >= 1, got {limit}")
+        self.limit = limit
+        self.held = 0
+        self.peak = 0  # the most bytes held at once
+        self.waits = 0  # results that had to wait for room
+        self._cond = threading.Condition()
+
+    def hold(self, n: int, keep_waiting: Callable[[], bool]) -> Held | None:
+        """Reserve ``n`` bytes, waiting while they do not fit; None if ``keep_waiting()`` turns
+        False first (the connection closed)."""
+        with self._cond:
+            if self.held and self.held + n > self.limit:
+                self.waits += 1
+            while self.held and self.held + n > self.limit:
+                if not keep_waiting():
+                    return None
+                self._cond.wait(0.25)
+            self.held += n
+            self.peak = max(self.peak, self.held)
+        return Held(self, n)
+
+    def _release(self, n: int) -> None:
+        with self._cond:
+            self.held -= n
+            self._cond.notify_all()
+
+
+class Held:
+    """Bytes reserved in a :class:`ResultMemory` for one result; ``release`` is idempotent."""
+
+    def __init__(self, memory: ResultMemory, n: int) -> None:
+        self._memory: ResultMemory | None = memory
+        self.n = n
+
+    def release(self) -> None:
+        memory, self._memory = self._memory, None
+        if memory is not None:
+            memory._release(self.n)
+
+
+def release(held: Held | None) -> None:
+    if held is not None:
+        held.release()
 
 
 class Pending:
@@ -62,13 +122,16 @@ class Pending:
         self.done = False
         self._lock = threading.Lock()
 
-    def finish(self, outcome: Outcome) -> bool:
-        """Deliver ``outcome`` unless the task already ended; return whether it was delivered."""
+    def finish(self, outcome: Outcome, held: Held | None = None) -> bool:
+        """Deliver ``outcome`` unless the task already ended; return whether it was delivered.
+
+        ``held``: the result's reserved memory, released by whoever takes it from the sink."""
         with self._lock:
             if self.done:
+                release(held)
                 return False
             self.done = True
-            self.sink.put((self.task_id, outcome))
+            self.sink.put((self.task_id, outcome, held))
             return True
 
     def expire(self) -> bool:
@@ -87,11 +150,11 @@ class Pending:
 
 @dataclass
 class Send:
-    """A task header and its payload, queued for one connection."""
+    """A task header and its Arrays (shared chunk frames), queued for one connection."""
 
     pending: Pending
     header: pb.ServerMessage
-    payload: Payload
+    arrays: Broadcast
 
 
 @dataclass
@@ -102,6 +165,7 @@ class Incoming:
     header: pb.Result
     metrics: Metrics
     assembler: Assembler
+    held: Held | None = None  # its bytes in the fleet's ResultMemory
 
 
 class Connection:
@@ -120,6 +184,7 @@ class Connection:
         self.opened = self.last_seen = time.monotonic()
         self.closed = False
         self.closed_at = 0.0
+        self.waiting = False  # the reader waits for result memory (see ResultMemory)
         self.finished = False  # the stream has ended (or was cancelled)
         self.final: pb.ServerMessage | None = None
 
@@ -130,7 +195,7 @@ class Connection:
 
     # --- sending ----------------------------------------------------------------------
 
-    def outgoing(self) -> Iterator[pb.ServerMessage]:
+    def outgoing(self) -> Iterator[pb.ServerMessage | bytes]:
         """The server's half of the stream: the outbox, with heartbeats when it is idle."""
         try:
             while not self.closed:
@@ -152,35 +217,27 @@ class Connection:
             self.close("the stream ended")
             self.fleet._forget(self, finished=True)
 
-    def _task_messages(self, item: Send) -> Iterator[pb.ServerMessage]:
+    def _task_messages(self, item: Send) -> Iterator[pb.ServerMessage | bytes]:
         pending = item.pending
         if pending.done:
             return
         yield item.header
-        for offset, data, last in item.payload.pieces():
+        for frame in item.arrays.frames:  # the same bytes for every client: no copy here
             if pending.done or self.closed:
                 return  # cancelled half-way: a Cancel message follows
-            msg = pb.ServerMessage()
-            chunk = msg.chunk
-            chunk.task_id, chunk.offset, chunk.data, chunk.last = (
-                pending.task_id,
-                offset,
-                data,
-                last,
-            )
-            yield msg
+            yield frame
 
     def send(self, msg: pb.ServerMessage) -> None:
         if not self.closed:
             self.outbox.put(msg)
 
-    def give(self, pending: Pending, header: pb.ServerMessage, payload: Payload) -> bool:
+    def give(self, pending: Pending, header: pb.ServerMessage, arrays: Broadcast) -> bool:
         """Queue a task for this client; False if the connection is already closed."""
         with self.lock:
             if self.closed:
                 return False
             self.tasks[pending.task_id] = pending
-        self.outbox.put(Send(pending, header, payload))
+        self.outbox.put(Send(pending, header, arrays))
         return True
 
     def cancel(self, task_id: str, reason: str) -> None:
@@ -195,6 +252,7 @@ class Connection:
             if incoming is not None:
                 incoming.pending = None
                 incoming.assembler.discard()
+                release(incoming.held)
         self.send(pb.ServerMessage(cancel=pb.Cancel(task_id=task_id, reason=reason)))
 
     # --- closing ----------------------------------------------------------------------
@@ -213,6 +271,8 @@ class Connection:
                 self.final = pb.ServerMessage(finished=pb.Finished(reason=reason))
             pending = list(self.tasks.values())
             self.tasks.clear()
+            for incoming in self.receiving.values():
+                release(incoming.held)
             self.receiving.clear()
         if reject:
             log.warning("%s rejected: %s", self.name, reason)
@@ -257,8 +317,13 @@ class Connection:
         elif which == "heartbeat":
             return
         elif which == "result":
-            with self.lock:
-                self._on_result(msg.result)
+            held = self._hold(msg.result)  # may wait for the aggregation to catch up
+            try:
+                with self.lock:
+                    self._on_result(msg.result, held)
+            except BaseException:
+                release(held)
+                raise
         elif which == "chunk":
             with self.lock:
                 self._on_chunk(msg.chunk)
@@ -267,7 +332,22 @@ class Connection:
         else:
             raise ProtocolError("an empty message (no body)")
 
-    def _on_result(self, res: pb.Result) -> None:
+    def _hold(self, res: pb.Result) -> Held | None:
+        """Reserve memory for a result's Arrays before reading them (see ResultMemory)."""
+        size = res.payload_size
+        if not (res.ok and 0 < size <= self.fleet.max_payload_bytes):
+            return None  # nothing kept, or refused by _on_result
+        with self.lock:
+            if res.task_id not in self.tasks or res.task_id in self.receiving:
+                return None  # a late or out-of-protocol result: checked, not kept
+        self.waiting = True  # the watcher does not count this silence against the client
+        try:
+            return self.fleet.result_memory.hold(size, lambda: not self.closed)
+        finally:
+            self.last_seen = time.monotonic()
+            self.waiting = False
+
+    def _on_result(self, res: pb.Result, held: Held | None) -> None:
         assert self.client_id is not None
         tid = res.task_id
         if tid in self.receiving:
@@ -295,8 +375,9 @@ class Connection:
                 max_bytes=self.fleet.max_payload_bytes,
                 keep=pending is not None,
             )
-            self.receiving[tid] = Incoming(pending, res, metrics, assembler)
+            self.receiving[tid] = Incoming(pending, res, metrics, assembler, held)
             return
+        release(held)
         if pending is None:
             return  # a late answer to a task that timed out
         self.tasks.pop(tid, None)
@@ -318,12 +399,18 @@ class Connection:
         del self.receiving[chunk.task_id]
         pending = incoming.pending
         if pending is None:
+            release(incoming.held)
             return
-        arrays = decode(incoming.assembler.result(), self.fleet.max_payload_bytes)
+        try:
+            arrays = decode(incoming.assembler.result(), self.fleet.max_payload_bytes)
+        except BaseException:
+            release(incoming.held)
+            raise
         self.tasks.pop(pending.task_id, None)
         res = incoming.header
         kind = QueryRes if pending.kind == "query" else TrainRes
-        pending.finish(self._outcome(pending, kind(arrays, res.num_examples, incoming.metrics)))
+        result = kind(arrays, res.num_examples, incoming.metrics)
+        pending.finish(self._outcome(pending, result), incoming.held)
 
     @staticmethod
     def _outcome(pending: Pending, result: TrainRes | EvaluateRes | QueryRes) -> Outcome:

@@ -39,20 +39,23 @@ from pollinate.transport.grpc.codec import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_MAX_PAYLOAD_BYTES,
     PROTOCOL,
-    Payload,
+    Broadcast,
     ProtocolError,
+    broadcast,
     check_sizes,
     dumps_scalars,
-    encode,
     from_signed,
     register_digest,
+    serialize_server_message,
 )
 from pollinate.transport.grpc.connection import (
     CLOSE_GRACE_S,
     Connection,
     Malformed,
     Pending,
+    ResultMemory,
     parse_client_message,
+    release,
 )
 from pollinate.types import (
     ClientId,
@@ -65,6 +68,7 @@ from pollinate.types import (
 log = logging.getLogger("pollinate")
 
 OnRegister = Callable[[int, str], None]
+DEFAULT_RESULT_MEMORY_BYTES = 256 << 20  # client results held at once (see ResultMemory)
 
 
 def _parse_status_request(data: bytes) -> pb.StatusRequest:
@@ -80,7 +84,7 @@ def _add_servicer(servicer: _Servicer, server: grpc.Server) -> None:
         "Join": grpc.stream_stream_rpc_method_handler(
             servicer.Join,
             request_deserializer=parse_client_message,
-            response_serializer=pb.ServerMessage.SerializeToString,
+            response_serializer=serialize_server_message,
         ),
         "Status": grpc.unary_unary_rpc_method_handler(
             servicer.Status,
@@ -102,7 +106,7 @@ class _Servicer(pb_grpc.FleetServicer):
         self,
         request_iterator: Iterator[pb.ClientMessage | Malformed],
         context: grpc.ServicerContext,
-    ) -> Iterator[pb.ServerMessage]:
+    ) -> Iterator[pb.ServerMessage | bytes]:
         return self.fleet._join(request_iterator, context)
 
     def Status(  # noqa: N802
@@ -120,6 +124,9 @@ class FleetServer:
     each authenticated registration before it takes effect: raising a ``PollinateError``
     refuses the client with that message; any other exception closes the stream (the client
     retries later). Bind ``"127.0.0.1:0"`` for an ephemeral port (see ``port``).
+    ``result_memory_bytes`` bounds the client results held at once, being received or waiting
+    for the aggregation (one result larger than that still goes through, alone); clients past
+    it are held back by flow control until the aggregation catches up.
     """
 
     def __init__(
@@ -134,6 +141,7 @@ class FleetServer:
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         max_connections: int = 1000,
+        result_memory_bytes: int = DEFAULT_RESULT_MEMORY_BYTES,
         on_register: OnRegister | None = None,
     ) -> None:
         check_sizes(chunk_bytes, max_message_bytes, max_payload_bytes)
@@ -150,6 +158,7 @@ class FleetServer:
         self.max_payload_bytes = max_payload_bytes
         self.chunk_bytes = chunk_bytes
         self.max_connections = max_connections
+        self.result_memory = ResultMemory(result_memory_bytes)
         self.on_register = on_register
         self.round = 0  # the round being run, for the status
         self.progress: dict[str, Any] = {}  # extra fields for the status (set by the caller)
@@ -281,7 +290,7 @@ class FleetServer:
 
     def _join(
         self, requests: Iterator[pb.ClientMessage | Malformed], context: grpc.ServicerContext
-    ) -> Iterator[pb.ServerMessage]:
+    ) -> Iterator[pb.ServerMessage | bytes]:
         conn = Connection(self, context)
         with self._lock:
             if self._stopping:
@@ -373,7 +382,7 @@ class FleetServer:
             for conn in conns:
                 if not conn.closed:
                     silent = now - conn.last_seen
-                    if silent > dead_after:
+                    if silent > dead_after and not conn.waiting:  # waiting: held back by us
                         conn.close(
                             f"no message for {silent:.1f} s (3 x heartbeat_s = {dead_after:g} s)"
                         )
@@ -390,7 +399,7 @@ class FleetServer:
         kind: TaskKind,
         round_number: int,
         config: Config,
-        payload: Payload,
+        arrays: Broadcast,
         sink: queue.Queue[Any],
     ) -> Pending | None:
         with self._lock:
@@ -404,12 +413,12 @@ class FleetServer:
                 kind=kind,
                 round=round_number,
                 config_json=dumps_scalars(config, "config"),
-                payload_size=payload.size,
-                payload_sha256=payload.sha256,
+                payload_size=arrays.size,
+                payload_sha256=arrays.sha256,
             )
         )
         pending = Pending(task_id, client_id, kind, sink, conn)
-        return pending if conn.give(pending, header, payload) else None
+        return pending if conn.give(pending, header, arrays) else None
 
 
 class GrpcExecutor:
@@ -444,14 +453,14 @@ class GrpcExecutor:
     ) -> Iterator[Outcome]:
         self.fleet.round = round_number
         sink: queue.Queue[Any] = queue.Queue()
-        payloads: dict[int, Payload] = {}  # one per distinct Arrays object: usually one
+        payloads: dict[int, Broadcast] = {}  # one per distinct Arrays object: usually one
         outstanding: dict[str, Pending] = {}
         absent: list[Outcome] = []
         try:
             for cid, ins in plan:
                 key = id(ins.arrays)
                 if key not in payloads:
-                    payloads[key] = encode(ins.arrays, self.fleet.chunk_bytes)
+                    payloads[key] = broadcast(ins.arrays, self.fleet.chunk_bytes)
                 config = {**ins.config, "seed": task_seed(self.seed, round_number, cid)}
                 pending = self.fleet._give(cid, kind, round_number, config, payloads[key], sink)
                 if pending is None:
@@ -465,11 +474,10 @@ class GrpcExecutor:
                 if remaining <= 0:
                     break
                 try:
-                    task_id, outcome = sink.get(timeout=remaining)
+                    task_id, outcome, held = sink.get(timeout=remaining)
                 except queue.Empty:
                     break
-                if outstanding.pop(task_id, None) is not None:
-                    yield outcome
+                yield from self._deliver(outstanding, task_id, outcome, held)
             # the deadline passed: whatever has not answered is a straggler
             for task_id, pending in list(outstanding.items()):
                 if pending.expire():
@@ -477,10 +485,22 @@ class GrpcExecutor:
                     pending.conn.cancel(task_id, "the round deadline passed")
                     yield pending.failed("timeout: no result before the round deadline")
             while outstanding:  # outcomes that landed while we were expiring the rest
-                task_id, outcome = sink.get()
-                if outstanding.pop(task_id, None) is not None:
-                    yield outcome
-        finally:  # the consumer stopped early: free the clients' slots
+                yield from self._deliver(outstanding, *sink.get())
+        finally:  # the consumer stopped early: free the clients' slots and the results' memory
             for pending in outstanding.values():
                 if pending.expire():
                     pending.conn.cancel(pending.task_id, "the server stopped waiting for this task")
+            while not sink.empty():
+                release(sink.get_nowait()[2])
+
+    @staticmethod
+    def _deliver(
+        outstanding: dict[str, Pending], task_id: str, outcome: Outcome, held: Any
+    ) -> Iterator[Outcome]:
+        """Yield one outcome from the sink; its result memory is freed once the consumer has
+        taken it in (it asks for the next one) or stopped."""
+        try:
+            if outstanding.pop(task_id, None) is not None:
+                yield outcome
+        finally:
+            release(held)
