@@ -669,6 +669,13 @@ def test_garbage_frames_and_fuzzed_messages_do_not_hurt_the_server(started) -> N
     assert outcomes[0].ok and 0 in fleet.connected()
 
 
+def test_grpc_options_reach_the_server(started) -> None:
+    fleet = serve(started, grpc_options=[("grpc.max_receive_message_length", 4096)])
+    raw = started(RawStream(fleet.address, raw_bytes=True))
+    raw.send(b"\x0a" * 8192)  # fine under the default limit, over the one passed in
+    assert raw.recv() == ("error", grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
 def test_status_rpc(started) -> None:
     fleet = serve(started, run_id="run-42")
     clients(started, fleet, [3, 1])

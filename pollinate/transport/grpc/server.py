@@ -126,7 +126,8 @@ class FleetServer:
     retries later). Bind ``"127.0.0.1:0"`` for an ephemeral port (see ``port``).
     ``result_memory_bytes`` bounds the client results held at once, being received or waiting
     for the aggregation (one result larger than that still goes through, alone); clients past
-    it are held back by flow control until the aggregation catches up.
+    it are held back by flow control until the aggregation catches up. ``grpc_options``: extra
+    gRPC core channel arguments, e.g. ``[("grpc.http2.bdp_probe", 0)]``.
     """
 
     def __init__(
@@ -142,6 +143,7 @@ class FleetServer:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         max_connections: int = 1000,
         result_memory_bytes: int = DEFAULT_RESULT_MEMORY_BYTES,
+        grpc_options: Sequence[tuple[str, Any]] = (),
         on_register: OnRegister | None = None,
     ) -> None:
         check_sizes(chunk_bytes, max_message_bytes, max_payload_bytes)
@@ -159,6 +161,7 @@ class FleetServer:
         self.chunk_bytes = chunk_bytes
         self.max_connections = max_connections
         self.result_memory = ResultMemory(result_memory_bytes)
+        self.grpc_options = list(grpc_options)
         self.on_register = on_register
         self.round = 0  # the round being run, for the status
         self.progress: dict[str, Any] = {}  # extra fields for the status (set by the caller)
@@ -190,16 +193,17 @@ class FleetServer:
         """Listen and serve in background threads; return self."""
         if self._server is not None:
             raise RuntimeError("the server is already started")
-        options = [
-            ("grpc.max_receive_message_length", self.max_message_bytes),
-            ("grpc.max_send_message_length", self.max_message_bytes),
-            ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share
-        ]
+        options = {
+            "grpc.max_receive_message_length": self.max_message_bytes,
+            "grpc.max_send_message_length": self.max_message_bytes,
+            "grpc.so_reuseport": 0,  # a second server on the same port must fail, not share
+        }
+        options.update(self.grpc_options)  # the caller's settings win
         server = grpc.server(
             futures.ThreadPoolExecutor(
                 max_workers=self.max_connections + 16, thread_name_prefix="pollinate-grpc"
             ),
-            options=options,
+            options=list(options.items()),
             maximum_concurrent_rpcs=self.max_connections + 8,  # each stream holds a thread
         )
         _add_servicer(_Servicer(self), server)
