@@ -12,10 +12,13 @@ stream is closed (see ``connection.py``); the server and its other clients carry
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import itertools
 import json
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -69,6 +72,27 @@ log = logging.getLogger("pollinate")
 
 OnRegister = Callable[[int, str], None]
 DEFAULT_RESULT_MEMORY_BYTES = 256 << 20  # client results held at once (see ResultMemory)
+
+
+def _libc_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): nothing to do
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim() if sys.platform.startswith("linux") else None
+
+
+def give_memory_back() -> None:
+    """Return freed heap memory to the OS (glibc only).
+
+    A round's results pass through hundreds of reader threads, whose freed buffers stay in
+    glibc's per-thread arenas: with 200 clients and a 4 MB model, 1.2 GB stayed resident after
+    two rounds, 0.36 GB after ``malloc_trim`` (0.09 s). Called once per exchange of tasks.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _parse_status_request(data: bytes) -> pb.StatusRequest:
@@ -496,6 +520,7 @@ class GrpcExecutor:
                     pending.conn.cancel(pending.task_id, "the server stopped waiting for this task")
             while not sink.empty():
                 release(sink.get_nowait()[2])
+            give_memory_back()
 
     @staticmethod
     def _deliver(
