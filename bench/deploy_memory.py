@@ -40,7 +40,7 @@ from deploy_common import (  # noqa: E402 - also puts the repository on sys.path
     stop_process,
 )
 
-from pollinate.transport.grpc.server import DEFAULT_RESULT_MEMORY_BYTES  # noqa: E402
+from pollinate.transport import DEFAULT_RESULT_MEMORY_BYTES  # noqa: E402
 
 WAIT_S = 180.0  # bound on any single wait
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pollinate.errors import ConfigError, PollinateError
+from pollinate.transport import DEFAULT_RESULT_MEMORY_BYTES
 
 log = logging.getLogger("pollinate")
 
@@ -89,6 +90,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     server.add_argument(
         "--fresh", action="store_true", help="start over: move the saved run state aside"
+    )
+    server.add_argument(
+        "--heartbeat-s",
+        type=float,
+        default=2.0,
+        help="heartbeat period; a client silent for 3 periods is dead (default 2)",
+    )
+    server.add_argument(
+        "--result-memory-mib",
+        type=int,
+        default=DEFAULT_RESULT_MEMORY_BYTES >> 20,
+        help="client results held in memory at once; past it clients wait (default 256)",
+    )
+    server.add_argument(
+        "--grpc-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a gRPC channel argument, e.g. grpc.http2.bdp_probe=0 (repeatable)",
     )
     server.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
@@ -271,20 +291,43 @@ def _cmd_server(args: argparse.Namespace) -> int:
         allow_list=allow_list,
         insecure=args.insecure,
     )
+    transport = _transport_args(args)
     if analytics:
         from pollinate.analytics import config as analytics_config
         from pollinate.analytics.session import format_table
         from pollinate.deploy import serve_analytics
 
         acfg = analytics_config.load(args.config, args.overrides)
-        answers = serve_analytics(acfg, args.address, security, quiet=args.quiet)
+        answers = serve_analytics(acfg, args.address, security, quiet=args.quiet, **transport)
         print(format_table(answers))
         return 0
     cfg = config.load(args.config, args.overrides)
-    result = serve(cfg, args.address, security, fresh=args.fresh, quiet=args.quiet)
+    result = serve(cfg, args.address, security, fresh=args.fresh, quiet=args.quiet, **transport)
     if not args.quiet:
         print(f"finished {len(result.history.rounds)} rounds; run folder: {cfg.output_dir}")
     return 0
+
+
+def _transport_args(args: argparse.Namespace) -> dict[str, Any]:
+    """``pollinate server``'s transport settings, checked, as keyword arguments of serve()."""
+    if not args.heartbeat_s > 0:
+        raise ConfigError(f"--heartbeat-s must be > 0, got {args.heartbeat_s}")
+    if args.result_memory_mib < 1:
+        raise ConfigError(f"--result-memory-mib must be >= 1, got {args.result_memory_mib}")
+    options: list[tuple[str, int | str]] = []
+    for item in args.grpc_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("grpc."):
+            raise ConfigError(
+                f"--grpc-option {item!r}: write KEY=VALUE with a gRPC channel argument, "
+                "e.g. --grpc-option grpc.http2.bdp_probe=0"
+            )
+        options.append((key, int(value) if value.lstrip("-").isdigit() else value))
+    return {
+        "heartbeat_s": args.heartbeat_s,
+        "result_memory_bytes": args.result_memory_mib << 20,
+        "grpc_options": options,
+    }
 
 
 def _cmd_client(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,7 @@ from pollinate.client import ClientFn
 from pollinate.config import RunConfig
 from pollinate.errors import ConfigError
 from pollinate.server import Callback, History, RunResult, run
+from pollinate.transport import DEFAULT_RESULT_MEMORY_BYTES
 from pollinate.types import Arrays, ClientId
 
 if TYPE_CHECKING:
@@ -108,9 +110,12 @@ def serve(
     fresh: bool = False,
     quiet: bool = False,
     heartbeat_s: float = 2.0,
+    result_memory_bytes: int = DEFAULT_RESULT_MEMORY_BYTES,
+    grpc_options: Sequence[tuple[str, Any]] = (),
     ready: threading.Event | None = None,
 ) -> RunResult:
-    """Run ``cfg``'s rounds over the clients that connect to ``address``."""
+    """Run ``cfg``'s rounds over the clients that connect to ``address`` (the transport
+    settings are ``FleetServer``'s)."""
     from pollinate.experiment import build_data, build_model_fn, build_secure, build_strategy
     from pollinate.frameworks.torch import initial_arrays, torch_evaluator
     from pollinate.privacy.accounting import PrivacyBudgetExceeded
@@ -141,6 +146,8 @@ def serve(
             verifier=security.verifier(seen_nonce=state.seen_nonce),
             run_id=state.run_id,
             heartbeat_s=heartbeat_s,
+            result_memory_bytes=result_memory_bytes,
+            grpc_options=grpc_options,
             on_register=lambda cid, key: state.upsert_client(cid, key, replace_key=True),
         )
         fleet.start()
@@ -192,6 +199,8 @@ def serve_analytics(
     *,
     quiet: bool = False,
     heartbeat_s: float = 2.0,
+    result_memory_bytes: int = DEFAULT_RESULT_MEMORY_BYTES,
+    grpc_options: Sequence[tuple[str, Any]] = (),
 ) -> list[dict[str, Any]]:
     """Answer an analytics config's queries over the clients that connect to ``address``
     (once ``data.num_clients`` of them are connected); writes the same outputs as
@@ -208,6 +217,8 @@ def serve_analytics(
         verifier=security.verifier(),
         run_id=run_id,
         heartbeat_s=heartbeat_s,
+        result_memory_bytes=result_memory_bytes,
+        grpc_options=grpc_options,
     )
     fleet.start()
     try:

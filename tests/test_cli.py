@@ -96,6 +96,21 @@ def test_bad_config_exits_2_with_the_key(tmp_path, capsys):
     assert "did you mean 'optimizer'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--grpc-option", "bdp_probe=0"], "--grpc-option 'bdp_probe=0'"),
+        (["--grpc-option", "grpc.http2.bdp_probe"], "KEY=VALUE"),
+        (["--heartbeat-s", "0"], "--heartbeat-s must be > 0"),
+        (["--result-memory-mib", "0"], "--result-memory-mib must be >= 1"),
+    ],
+)
+def test_bad_server_transport_flags_exit_2_before_listening(tmp_path, capsys, flags, message):
+    args = ["server", "--insecure", "--address", "127.0.0.1:0", *flags]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_missing_dataset_exits_1_with_a_hint(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("POLLINATE_DATA", str(tmp_path))
     code = main(["run", "--set", "data.dataset=npz:" + str(tmp_path / "none.npz")])

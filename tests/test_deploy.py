@@ -164,12 +164,16 @@ def test_deployed_run_equals_simulation(cluster: Cluster) -> None:
     folder = cluster.folder
     write_config(folder, rounds=3, clients=5)
     port = free_port()
-    server = cluster.start("server", *server_args(port))
+    transport = ["--heartbeat-s", "1.5", "--result-memory-mib", "1"]
+    transport += ["--grpc-option", "grpc.http2.bdp_probe=0"]
+    server = cluster.start("server", *server_args(port), *transport)
     clients = [cluster.start(f"client{i}", *client_args(port, i)) for i in range(5)]
     wait_until(lambda: rounds_done(folder) >= 1, 180, "round 1")
     status = cluster.cli("status", f"127.0.0.1:{port}", "--certs", "certs")
     assert status.returncode == 0, status.stderr
     assert "clients connected: 5" in status.stdout
+    assert "heartbeat_s: 1.5" in status.stdout  # the transport settings reached the server
+    assert f"result_memory_bytes: {1 << 20}" in status.stdout
     assert server.wait(timeout=300) == 0, cluster.log("server")
     history = json.loads((folder / "runs/deployed/history.json").read_text())
     assert [r["round"] for r in history["rounds"]] == [1, 2, 3]

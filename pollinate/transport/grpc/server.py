@@ -28,6 +28,7 @@ from typing import Any
 from pollinate.client import task_seed
 from pollinate.errors import ConfigError, PollinateError, missing_dependency
 from pollinate.server import in_order
+from pollinate.transport import DEFAULT_RESULT_MEMORY_BYTES
 
 try:
     import grpc
@@ -71,7 +72,6 @@ from pollinate.types import (
 log = logging.getLogger("pollinate")
 
 OnRegister = Callable[[int, str], None]
-DEFAULT_RESULT_MEMORY_BYTES = 256 << 20  # client results held at once (see ResultMemory)
 
 
 def _libc_malloc_trim() -> Callable[[int], int] | None:
@@ -302,7 +302,8 @@ class FleetServer:
             return self._changed.wait_for(lambda: len(self._clients) >= n, timeout)
 
     def status(self) -> dict[str, Any]:
-        """What ``Fleet.Status`` answers: run id, round, connected clients, tasks in flight."""
+        """What ``Fleet.Status`` answers: run id, round, connected clients, tasks in flight,
+        the transport's settings and the result memory in use."""
         with self._lock:
             clients = sorted(self._clients)
             in_flight = sum(len(c.tasks) for c in self._clients.values())
@@ -312,6 +313,9 @@ class FleetServer:
             "connected": clients,
             "clients": len(clients),
             "tasks_in_flight": in_flight,
+            "heartbeat_s": self.heartbeat_s,
+            "result_memory_bytes": self.result_memory.limit,
+            "results_held_bytes": self.result_memory.held,
             "uptime_s": round(time.monotonic() - self._started, 1) if self._started else 0.0,
             **self.progress,
         }
