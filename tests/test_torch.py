@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -52,6 +55,12 @@ MLP = model_fn("mlp", (1, 8, 8), 10, hidden=(32,))
 def dropout_mlp() -> nn.Module:
     return nn.Sequential(
         nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 10)
+    )
+
+
+def batchnorm_mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10)
     )
 
 
@@ -228,6 +237,10 @@ def plain_loop(fn, arrays, x, y, *, epochs, batch_size, seed, make_optimizer):
         ({"lr": 0.1}, lambda p: torch.optim.SGD(p, lr=0.1)),
         ({"lr": 0.1, "momentum": 0.9}, lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)),
         ({"lr": 0.1, "weight_decay": 0.1}, lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=0.1)),
+        (
+            {"lr": 0.05, "momentum": 0.5, "weight_decay": 0.01},
+            lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.5, weight_decay=0.01),
+        ),
         ({"optimizer": "adam", "lr": 0.01}, lambda p: torch.optim.Adam(p, lr=0.01)),
         (
             {"optimizer": "Adam", "lr": 0.01, "weight_decay": 0.01},
@@ -235,17 +248,64 @@ def plain_loop(fn, arrays, x, y, *, epochs, batch_size, seed, make_optimizer):
         ),
     ],
 )
-def test_training_is_the_plain_loop_with_the_configured_optimizer(digits, config, make_optimizer):
+@pytest.mark.parametrize("fn", [dropout_mlp, batchnorm_mlp])
+def test_training_is_the_plain_loop_with_the_configured_optimizer(
+    digits, config, make_optimizer, fn
+):
+    """pollinate's own SGD/Adam (``torch_optim``) are bit-identical to ``torch.optim`` on CPU."""
     (x, y), _ = digits
     x, y = x[:300], y[:300]
-    arrays = initial_arrays(dropout_mlp, 3)
+    arrays = initial_arrays(fn, 3)
     full = {"epochs": 2, "batch_size": 20, "seed": 11, **config}
-    res = TorchClassifier(dropout_mlp(), (x, y)).train(arrays, full)
+    res = TorchClassifier(fn(), (x, y)).train(arrays, full)
     want = plain_loop(
-        dropout_mlp, arrays, x, y, epochs=2, batch_size=20, seed=11, make_optimizer=make_optimizer
+        fn, arrays, x, y, epochs=2, batch_size=20, seed=11, make_optimizer=make_optimizer
     )
     for got, expected in zip(res.arrays, want):
-        np.testing.assert_array_equal(got, expected)
+        np.testing.assert_array_equal(got, expected)  # exact: the same arithmetic
+
+
+DYNAMO_PROBE = """
+import sys
+import numpy as np
+from pollinate.frameworks.torch import TorchClassifier, initial_arrays, torch_evaluator
+from pollinate.models import model_fn
+
+mlp = model_fn("mlp", (1, 8, 8), 10, hidden=(16,))
+rng = np.random.default_rng(0)
+x = rng.random((64, 1, 8, 8), dtype=np.float32)
+y = rng.integers(0, 10, 64)
+client = TorchClassifier(mlp(), (x, y), (x, y))
+arrays = initial_arrays(mlp, 0)
+for config in ({"momentum": 0.9, "weight_decay": 0.1}, {"optimizer": "adam"}):
+    arrays = client.train(arrays, {"local_evaluation": True, **config}).arrays
+client.evaluate(arrays, {})
+torch_evaluator(mlp, x, y)(arrays)
+print("after pollinate:", "torch._dynamo" in sys.modules)
+import torch
+torch.optim.SGD(mlp().parameters(), lr=0.1)
+print("after torch.optim:", "torch._dynamo" in sys.modules)
+"""
+
+
+def test_training_does_not_import_torch_dynamo():
+    """A process that only trains and evaluates never imports ``torch._dynamo``.
+
+    ``torch.optim`` optimizers import it (~1.5 s of CPU on the benchmark machine) the first
+    time one is built in a process: in every process-backend worker and deployed client. The
+    probe builds a ``torch.optim`` optimizer at the end to show this test can fail.
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", DYNAMO_PROBE],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "after pollinate: False" in done.stdout, done.stdout
+    # the control: if torch.optim stops importing torch._dynamo, this test proves nothing
+    assert "after torch.optim: True" in done.stdout, done.stdout
 
 
 def test_optimizer_settings_change_the_result(digits):
