@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
+import multiprocessing
+import os
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from pollinate.errors import ConfigError
 from pollinate.simulation import make_backend, simulate
 from pollinate.simulation.backends.base import Backend, longest_first
 from pollinate.strategy.fedavg import FedAvg
@@ -258,3 +263,45 @@ def test_state_survives_sampling_gaps(name: str) -> None:
             trained[cid] += 1
             assert entry["train"]["state_rounds"] == trained[cid]
     assert max(trained.values()) < 4 or min(trained.values()) < 4  # sampling left gaps
+
+
+# --- the process backend's start-up and shutdown ----------------------------------------------
+
+
+class AtexitClientFn:
+    """Picklable ``client_fn`` whose workers register an atexit handler writing ``folder/pid``."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def __call__(self, ctx: Any) -> Any:
+        if not ctx.worker:
+            ctx.worker["registered"] = True
+            path = os.path.join(self.folder, str(os.getpid()))
+            atexit.register(lambda: open(path, "w").close())  # noqa: SIM115
+        return MeanClientFn()(ctx)
+
+
+def test_close_stops_every_worker_cleanly_and_runs_their_atexit_handlers(tmp_path: Path) -> None:
+    backend = make_backend("process", workers=2)
+    backend.start(AtexitClientFn(str(tmp_path)))
+    outcomes = list(backend.run(initial(), _tasks(range(6)), time.monotonic() + 60))
+    pids = {o.result.metrics["worker_pid"] for o in outcomes}
+    processes = [w.process for w in backend._pool]  # type: ignore[attr-defined]
+    backend.close()
+    assert all(not p.is_alive() and p.exitcode == 0 for p in processes)  # stopped, not killed
+    assert {int(f.name) for f in tmp_path.iterdir()} == pids  # the workers' atexit handlers ran
+
+
+def test_an_unpicklable_client_fn_stops_the_workers_already_started() -> None:
+    backend = make_backend("process", workers=2)
+    before = set(multiprocessing.active_children())
+    with pytest.raises(ConfigError, match="cannot be pickled"):
+        backend.start(lambda ctx: MeanClientFn()(ctx))
+    assert set(multiprocessing.active_children()) == before
+    backend.start(MeanClientFn())  # the same backend starts again
+    try:
+        (outcome,) = backend.run(initial(), _tasks([0]), time.monotonic() + 60)
+        assert outcome.ok
+    finally:
+        backend.close()

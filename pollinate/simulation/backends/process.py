@@ -3,19 +3,26 @@
 Each worker unpickles the user's ``client_fn`` once and keeps a per-worker cache, so the
 model is built once per worker and reused for every client it serves. Large NumPy arrays
 inside ``client_fn`` (the data set) are written once to ``.npy`` files and memory-mapped by
-every worker, never pickled per task. The round's global arrays go to a shared-memory block
-once per round; each worker reads them once. A worker that is still busy at the deadline,
-or that dies, is replaced, and its task counts as failed.
+every worker, never pickled per task. The workers are started first and import
+``client_fn``'s module (torch: 1-2 s) while this process writes those files. The round's
+global arrays go to a shared-memory block once per round; each worker reads them once. A
+worker that is still busy at the deadline, or that dies, is replaced, and its task counts
+as failed. ``close()`` stops all workers at once, and they exit without the interpreter's
+teardown.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import importlib
 import io
 import logging
 import multiprocessing as mp
 import os
 import pickle
 import shutil
+import sys
 import tempfile
 import time
 from collections import deque
@@ -23,7 +30,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from multiprocessing.connection import Connection, wait
 from multiprocessing.shared_memory import SharedMemory
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -85,19 +92,22 @@ def _share(client_fn: ClientFn, folder: str) -> bytes:
     return buf.getvalue()
 
 
-def _worker_main(conn: Connection, payload: bytes) -> None:
+def _modules(client_fn: ClientFn) -> list[str]:
+    """The module ``client_fn`` comes from, for workers to import before it arrives."""
+    module = getattr(client_fn, "__module__", None)
+    return [module] if isinstance(module, str) and module not in ("__main__", "builtins") else []
+
+
+def _worker_main(conn: Connection, modules: list[str]) -> None:
     """A worker's loop: receive tasks, run them, send outcomes (arrays as raw bytes)."""
-    client_fn = pickle.loads(payload)
+    for name in modules:  # while the server is still writing the data; unpickling reports errors
+        with contextlib.suppress(Exception):
+            importlib.import_module(name)
+    client_fn = pickle.loads(_next_message(conn)[1])
     cache: dict[str, Any] = {}
     token, arrays = None, []
     while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError, KeyboardInterrupt):
-            return
-        if msg[0] == "stop":
-            return
-        _, task_token, shm_name, size, task = msg
+        _, task_token, shm_name, size, task = _next_message(conn)
         if task_token != token:
             shm = SharedMemory(name=shm_name)
             try:
@@ -117,6 +127,30 @@ def _worker_main(conn: Connection, payload: bytes) -> None:
                 conn.send((_unsendable(outcome, exc), False))
 
 
+def _next_message(conn: Connection) -> Any:
+    """The server's next message; the worker exits on "stop" or when the server is gone."""
+    try:
+        msg = conn.recv()
+    except (EOFError, OSError, KeyboardInterrupt):
+        _exit_worker()
+    if msg[0] == "stop":
+        _exit_worker()
+    return msg
+
+
+def _exit_worker() -> NoReturn:
+    """Exit without tearing the interpreter down (as forked multiprocessing children do).
+
+    A normal exit of a process that imported torch spends 0.5-1 s unloading modules, and
+    ``close()`` waits for it; atexit handlers still run and output is flushed.
+    """
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+    os._exit(0)
+
+
 def _unsendable(outcome: Outcome, exc: Exception) -> Outcome:
     return Outcome(
         outcome.client_id,
@@ -131,9 +165,11 @@ def _is_arrays(value: object) -> bool:
 
 
 class _Worker:
-    def __init__(self, ctx: Any, payload: bytes, env: dict[str, str]) -> None:
+    """One worker process; it waits for ``send_client_fn`` before serving tasks."""
+
+    def __init__(self, ctx: Any, modules: list[str], env: dict[str, str]) -> None:
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_worker_main, args=(child, payload), daemon=True)
+        self.process = ctx.Process(target=_worker_main, args=(child, modules), daemon=True)
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)  # thread limits are read by the child at start-up
         try:
@@ -146,11 +182,17 @@ class _Worker:
                     os.environ[k] = v
         child.close()
 
-    def stop(self, timeout: float = 2.0) -> None:
+    def send_client_fn(self, payload: bytes) -> None:
+        self.conn.send(("client_fn", payload))
+
+    def request_stop(self) -> None:
         try:
             self.conn.send(("stop",))
         except (OSError, ValueError):
             pass
+
+    def wait_or_kill(self, timeout: float = 2.0) -> None:
+        """Wait up to ``timeout`` s for the worker to exit after ``request_stop``, then kill it."""
         self.process.join(timeout)
         self.kill()
 
@@ -172,6 +214,7 @@ class ProcessBackend(Backend):
         self.threads_per_worker = threads_per_worker
         self._ctx = mp.get_context("spawn")
         self._pool: list[_Worker] = []
+        self._modules: list[str] = []
         self._payload = b""
         self._folder: str | None = None
         self._token = 0
@@ -183,19 +226,27 @@ class ProcessBackend(Backend):
     def start(self, client_fn: ClientFn) -> None:
         self.close()
         self._folder = tempfile.mkdtemp(prefix="pollinate-shared-")
-        self._payload = _share(client_fn, self._folder)
+        self._modules = _modules(client_fn)
         try:
             self._pool = [self._spawn() for _ in range(self.workers)]
         except OSError as exc:
             self.close()
             raise BackendError(f"could not start {self.workers} worker processes: {exc}") from exc
+        try:  # while the workers import client_fn's module (torch: 1-2 s)
+            self._payload = _share(client_fn, self._folder)
+            for worker in self._pool:
+                worker.send_client_fn(self._payload)
+        except BaseException:
+            self.close()
+            raise
 
     def _spawn(self) -> _Worker:
-        return _Worker(self._ctx, self._payload, self._env())
+        return _Worker(self._ctx, self._modules, self._env())
 
     def _replace(self, worker: _Worker) -> _Worker:
         worker.kill()
         fresh = self._spawn()
+        fresh.send_client_fn(self._payload)
         self._pool[self._pool.index(worker)] = fresh
         return fresh
 
@@ -278,8 +329,10 @@ class ProcessBackend(Backend):
             )
 
     def close(self) -> None:
+        for worker in self._pool:  # all at once: the workers exit in parallel
+            worker.request_stop()
         for worker in self._pool:
-            worker.stop()
+            worker.wait_or_kill()
         self._pool = []
         if self._folder:
             shutil.rmtree(self._folder, ignore_errors=True)
