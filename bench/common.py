@@ -135,9 +135,10 @@ def warm_up(spec: Spec, data: Any) -> None:
     """Pay this process's one-time costs before timing anything.
 
     The first ``torch.optim`` optimizer built in a process imports ``torch._dynamo`` (1-2 s
-    on two cores); without a warm-up that lands on whichever variant happens to run first.
-    Process-backend workers are fresh processes and pay it in every run (it is part of what
-    that backend costs).
+    on two cores); the plain loop uses ``torch.optim``, so without a warm-up that lands on
+    whichever variant happens to run first. pollinate's clients train with their own
+    bit-identical SGD/Adam (``pollinate.frameworks.torch_optim``), which never import it, so
+    process-backend workers (fresh processes in every run) do not pay it either.
     """
     import torch
     import torch.nn.functional as F
