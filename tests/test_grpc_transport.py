@@ -692,19 +692,20 @@ TRIM_PROBE = textwrap.dedent(
 
     def churn():  # what reader threads do: big buffers freed between small live objects
         big = []
-        for _ in range(100):
+        for _ in range(150):
             b = bytearray(1 << 20)
             b[::4096] = b"\\1" * 256
             big.append(b)
             small.append(bytearray(64))
         big.clear()
 
+    baseline = rss()
     threads = [threading.Thread(target=churn) for _ in range(4)]
     [t.start() for t in threads]
     [t.join() for t in threads]
     before = rss()
     give_memory_back()
-    print(before, rss())
+    print(baseline, before, rss())
     """
 )
 
@@ -714,8 +715,10 @@ def test_freed_memory_goes_back_to_the_os() -> None:
     out = subprocess.run(
         [sys.executable, "-c", TRIM_PROBE], capture_output=True, text=True, check=True, cwd=REPO
     ).stdout
-    before, after = map(int, out.split())
-    assert before - after > 100 << 20, (before >> 20, after >> 20)  # 400 MiB were freed
+    baseline, before, after = map(int, out.split())
+    kept = before - baseline  # 600 MiB were freed; glibc kept this much of it
+    assert kept > 64 << 20, (baseline >> 20, before >> 20)  # the probe did make it keep some
+    assert before - after > 0.4 * kept, (baseline >> 20, before >> 20, after >> 20)
 
 
 def test_status_rpc(started) -> None:
