@@ -375,6 +375,9 @@ class Connection:
                 max_bytes=self.fleet.max_payload_bytes,
                 keep=pending is not None,
             )
+            if pending is None:  # expired while its reader waited for room: checked, not kept
+                release(held)
+                held = None
             self.receiving[tid] = Incoming(pending, res, metrics, assembler, held)
             return
         release(held)
