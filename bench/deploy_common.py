@@ -43,6 +43,20 @@ class LightClientFn:
         return LightClient(ctx.client_id)
 
 
+class EchoClient:
+    """Training returns exactly the Arrays it was given."""
+
+    def train(self, arrays: Arrays, config: Config) -> TrainRes:
+        return TrainRes(list(arrays), num_examples=1)
+
+    def evaluate(self, arrays: Arrays, config: Config) -> EvaluateRes:
+        return EvaluateRes(0.0, num_examples=1)
+
+
+def echo_client_fn(ctx: ClientContext) -> EchoClient:
+    return EchoClient()
+
+
 def spawn(script: str, *args: str, capture: bool = True) -> subprocess.Popen[str]:
     """Run ``script`` with ``args`` in a child process (one math thread); it exits when its
     stdin closes, so ``stop_process`` ends it even if this process is killed first."""

@@ -25,7 +25,12 @@ import time
 from typing import Any
 
 import numpy as np
-from deploy_common import machine_line, spawn, stop_process  # also puts the repo on sys.path
+from deploy_common import (  # also puts the repo on sys.path
+    echo_client_fn,
+    machine_line,
+    spawn,
+    stop_process,
+)
 
 from pollinate.transport.grpc.server import FleetServer, GrpcExecutor  # noqa: E402
 from pollinate.types import TrainIns  # noqa: E402
@@ -91,19 +96,11 @@ class Relay:
 def client_main(address: str) -> None:
     """An echo client until stdin closes."""
     from pollinate.transport.grpc.client import Backoff, run_client
-    from pollinate.types import EvaluateRes, TrainRes
-
-    class Echo:
-        def train(self, arrays: Any, config: Any) -> TrainRes:
-            return TrainRes(list(arrays), 1, {})
-
-        def evaluate(self, arrays: Any, config: Any) -> EvaluateRes:
-            return EvaluateRes(0.0, 1)
 
     logging.getLogger("pollinate").setLevel(logging.ERROR)
     stop = threading.Event()
     threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
-    run_client(address, lambda ctx: Echo(), 0, stop_event=stop, backoff=Backoff(0.05, 2, 1))
+    run_client(address, echo_client_fn, 0, stop_event=stop, backoff=Backoff(0.05, 2, 1))
 
 
 def round_trips(options: list[tuple[str, Any]], rtt_s: float, mb: int, repeats: int) -> list[float]:

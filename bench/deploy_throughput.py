@@ -40,34 +40,17 @@ from typing import Any
 
 import numpy as np
 from deploy_common import (  # noqa: E402 - also puts the repository on sys.path
+    echo_client_fn,
     machine_line,
     spawn,
     stop_process,
 )
 
-from pollinate.client import ClientContext  # noqa: E402
-from pollinate.types import Arrays, Config, EvaluateRes, TrainIns, TrainRes  # noqa: E402
+from pollinate.types import Arrays, TrainIns, TrainRes  # noqa: E402
 
 MB = 1_000_000
 N_ARRAYS = 4
 WAIT_S = 120.0  # bound on any single wait (start-up, one round trip)
-
-
-# --- the echo client (runs in the client process) -------------------------------------------
-
-
-class EchoClient:
-    """Training returns exactly the Arrays it was given."""
-
-    def train(self, arrays: Arrays, config: Config) -> TrainRes:
-        return TrainRes(list(arrays), num_examples=1)
-
-    def evaluate(self, arrays: Arrays, config: Config) -> EvaluateRes:
-        return EvaluateRes(0.0, num_examples=1)
-
-
-def echo_client_fn(ctx: ClientContext) -> EchoClient:
-    return EchoClient()
 
 
 def client_main(address: str, ca_path: str, chunk_bytes: int) -> None:
