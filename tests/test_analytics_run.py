@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -226,7 +225,7 @@ def test_pollinate_analyze_cli(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_analytics_over_grpc_with_real_client_processes(tmp_path: Path) -> None:
-    from tests.test_deploy import free_port
+    from tests.test_deploy import Cluster, free_port
 
     config = tmp_path / "analytics.toml"
     text = DEMO.read_text().replace("num_clients = 8", "num_clients = 4")
@@ -235,41 +234,20 @@ def test_analytics_over_grpc_with_real_client_processes(tmp_path: Path) -> None:
     config.write_text(
         text + "\n[secure_aggregation]\nenabled = true\nneighbours = 3\nthreshold = 2\n"
     )
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-
-    def cli(*args: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            [sys.executable, "-m", "pollinate.cli", *args],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-
-    assert (
-        subprocess.run(
-            [sys.executable, "-m", "pollinate.cli", "certs", "certs"],
-            cwd=tmp_path,
-            capture_output=True,
-        ).returncode
-        == 0
-    )
-    assert (
-        subprocess.run(
-            [sys.executable, "-m", "pollinate.cli", "keys", "certs", "0", "1", "2", "3"],
-            cwd=tmp_path,
-            capture_output=True,
-        ).returncode
-        == 0
-    )
-    port = free_port()
-    procs = [cli("server", str(config), "--address", f"127.0.0.1:{port}", "--certs", "certs")]
+    cluster = Cluster(tmp_path)  # output goes to files: a full pipe would block a process
     try:
+        assert cluster.cli("certs", "certs").returncode == 0
+        assert cluster.cli("keys", "certs", "0", "1", "2", "3").returncode == 0
+        port = free_port()
+        server = cluster.start(
+            "server", "server", str(config), "--address", f"127.0.0.1:{port}", "--certs", "certs"
+        )
+        clients = []
         for i in range(4):
             extra = ["--expose", "age,sex,bmi,bp,target"] if i == 3 else []  # hides s1..s6
-            procs.append(
-                cli(
+            clients.append(
+                cluster.start(
+                    f"client{i}",
                     "client",
                     "--server",
                     f"127.0.0.1:{port}",
@@ -282,15 +260,11 @@ def test_analytics_over_grpc_with_real_client_processes(tmp_path: Path) -> None:
                     *extra,
                 )
             )
-        out, _ = procs[0].communicate(timeout=300)
-        assert procs[0].returncode == 0, out
-        for p in procs[1:]:  # told the session is over, clients stop by themselves
-            assert p.wait(timeout=60) == 0
+        assert server.wait(timeout=300) == 0, cluster.log("server")
+        for i, c in enumerate(clients):  # told the session is over, clients stop by themselves
+            assert c.wait(timeout=60) == 0, cluster.log(f"client{i}")
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(timeout=30)
+        cluster.stop_all()
     answers = {
         a["query"]: a for a in json.loads((tmp_path / "out/analytics.json").read_text())["answers"]
     }
@@ -301,7 +275,7 @@ def test_analytics_over_grpc_with_real_client_processes(tmp_path: Path) -> None:
         whole.bmi.corr(whole.target), rel=1e-6
     )
     assert all(a["secure_aggregation"] for a in answers.values())
-    assert "mean_age_high_progression" in out
+    assert "mean_age_high_progression" in cluster.log("server")
     s5 = answers["mean_s5"]  # client 3 does not expose s5: it refused mid-protocol
     assert s5["answered"] == [0, 1, 2] and "does not expose" in s5["refused"]["3"]
     kept = pd.concat(tables[:3])

@@ -875,6 +875,43 @@ def test_clients_reconnect_after_a_server_restart_on_the_same_port(started) -> N
     assert all(t.error is None for t in threads)
 
 
+def test_finished_stops_clients_and_the_server_waits_until_they_hung_up(started) -> None:
+    fleet = serve(started)
+    threads = clients(started, fleet, [0, 1])
+    raw = started(RawStream(fleet.address))
+    assert raw.register(7).WhichOneof("body") == "welcome"
+    read_finished = threading.Event()
+
+    def slow_reader() -> None:  # reads Finished, then takes its time before hanging up
+        msg = raw.recv()
+        assert msg.WhichOneof("body") == "finished" and msg.finished.reason == "all done"
+        time.sleep(0.3)
+        read_finished.set()
+        raw.close()
+
+    reader = threading.Thread(target=slow_reader, daemon=True)
+    reader.start()
+    fleet.stop(finished="all done")
+    assert read_finished.is_set()  # the server did not go away before the client hung up
+    for t in threads:  # told the run is over, run_client returns by itself
+        t.thread.join(WAIT)
+        assert not t.thread.is_alive() and t.error is None and t.stop.is_set()
+    reader.join(WAIT)
+
+
+def test_the_wait_for_clients_to_hang_up_is_bounded(started, monkeypatch) -> None:
+    from pollinate.transport.grpc import connection, server
+
+    monkeypatch.setattr(connection, "CLOSE_GRACE_S", 0.2)
+    monkeypatch.setattr(server, "CLOSE_GRACE_S", 0.2)
+    fleet = serve(started)
+    raw = started(RawStream(fleet.address))  # reads everything, never hangs up by itself
+    assert raw.register(7).WhichOneof("body") == "welcome"
+    fleet.stop(finished="all done")
+    assert raw.recv().WhichOneof("body") == "finished"
+    assert raw.recv() in ("end", ("error", grpc.StatusCode.CANCELLED))
+
+
 FROZEN_SERVER = textwrap.dedent(
     """
     import time

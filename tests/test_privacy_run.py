@@ -115,22 +115,23 @@ def test_local_dp_run(tmp_path):
     cfg = small(
         tmp_path,
         "privacy.mode=local",
-        "privacy.noise_multiplier=0.05",
+        "privacy.noise_multiplier=0.02",
         "privacy.clip=5.0",
+        "run.deterministic=true",  # seeded noise: 0.54-0.73 after 3 rounds over seeds 0-5
     )
     run_experiment(cfg, quiet=True)
     rounds = _history(tmp_path)["rounds"]
     for r, record in enumerate(rounds, start=1):
         privacy = record["privacy"]
         assert privacy["mode"] == "local"
-        assert privacy["epsilon"] == pytest.approx(local_epsilon(0.05, 1e-5, r))
-        assert privacy["epsilon_round"] == pytest.approx(local_epsilon(0.05, 1e-5, 1))
+        assert privacy["epsilon"] == pytest.approx(local_epsilon(0.02, 1e-5, r))
+        assert privacy["epsilon_round"] == pytest.approx(local_epsilon(0.02, 1e-5, 1))
         assert record["train"]["rejected"] == 0
         for client in record["clients"].values():
             train = client["train"]
-            assert train["dp_noise_multiplier"] == 0.05 and train["dp_releases"] == r
+            assert train["dp_noise_multiplier"] == 0.02 and train["dp_releases"] == r
             assert "loss" not in train  # local DP sends nothing else in the clear
-    assert rounds[-1]["centralized"]["accuracy"] > 0.3  # little noise: it still learns
+    assert rounds[-1]["centralized"]["accuracy"] > 0.4  # little noise: it still learns
 
 
 def test_progress_shows_epsilon():

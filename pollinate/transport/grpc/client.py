@@ -293,7 +293,9 @@ class _Session:
             for msg in self._call:
                 self.last_recv = time.monotonic()
                 self._handle(msg)
-            self.error = "was closed by the server"
+                if self.finished:
+                    break  # hang up: the server waits for that before it exits
+            self.error = "finished" if self.finished else "was closed by the server"
         except grpc.RpcError as e:
             code = e.code() if hasattr(e, "code") else None
             if self.why is not None:  # the watchdog cancelled the call

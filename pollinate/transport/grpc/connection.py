@@ -187,6 +187,7 @@ class Connection:
         self.waiting = False  # the reader waits for result memory (see ResultMemory)
         self.finished = False  # the stream has ended (or was cancelled)
         self.final: pb.ServerMessage | None = None
+        self.hung_up = threading.Event()  # the RPC is over on the client's side too
 
     @property
     def name(self) -> str:
@@ -212,6 +213,12 @@ class Connection:
                     yield item
             if self.final is not None:
                 yield self.final
+                if self.final.WhichOneof("body") == "finished":
+                    # Keep the stream open until the client hangs up, which it does once it
+                    # has read Finished: a server that exits right after would otherwise reset
+                    # connections with Finished still unread, and those clients would retry
+                    # forever. Bounded, for clients that never hang up.
+                    self.hung_up.wait(CLOSE_GRACE_S)
         finally:
             self.finished = True
             self.close("the stream ended")
@@ -256,6 +263,11 @@ class Connection:
         self.send(pb.ServerMessage(cancel=pb.Cancel(task_id=task_id, reason=reason)))
 
     # --- closing ----------------------------------------------------------------------
+
+    def ended(self) -> None:
+        """gRPC's callback: the RPC is over (the client hung up, or the stream was cancelled)."""
+        self.hung_up.set()
+        self.close("the stream ended")
 
     def close(self, reason: str, *, reject: bool = False, finished: bool = False) -> None:
         """End the stream (with a Reject, or a Finished when the run is over, saying ``reason``);

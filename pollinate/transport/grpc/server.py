@@ -277,6 +277,10 @@ class FleetServer:
                 conn.close(finished, finished=True)
             else:
                 conn.close("the server is shutting down")
+        if finished is not None:  # each stream ends once its client has read Finished
+            deadline = time.monotonic() + CLOSE_GRACE_S + 1.0
+            while not all(c.finished for c in conns) and time.monotonic() < deadline:
+                time.sleep(0.02)
         if not self._server.stop(grace).wait(grace + 10.0):
             log.warning("the gRPC server did not finish shutting down within %.0f s", grace + 10)
         if self._watcher is not None:
@@ -328,7 +332,7 @@ class FleetServer:
             if self._stopping:
                 return iter(())
             self._all.add(conn)
-        context.add_callback(lambda: conn.close("the stream ended"))
+        context.add_callback(conn.ended)
         threading.Thread(
             target=conn.read, args=(requests,), name="pollinate-reader", daemon=True
         ).start()
