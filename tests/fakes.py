@@ -107,3 +107,15 @@ class CacheClient:
 def cache_client_fn(ctx: ClientContext) -> CacheClient:
     """A module-level (picklable) ``client_fn`` building ``CacheClient``s."""
     return CacheClient(ctx)
+
+
+class SlowStartClientFn(MeanClientFn):
+    """A ``MeanClientFn`` that takes ``delay_s`` to unpickle: a worker that is slow to start."""
+
+    def __init__(self, behaviour: dict[int, str] | None = None, delay_s: float = 3.0) -> None:
+        super().__init__(behaviour)
+        self.delay_s = delay_s
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        time.sleep(float(state["delay_s"]))  # type: ignore[arg-type]
+        self.__dict__.update(state)

@@ -200,8 +200,8 @@ def test_a_straggler_is_dropped_at_the_deadline(name: str) -> None:
         assert [(f["client_id"], f["kind"]) for f in record["failures"]] == [(5, "timeout")]
         assert record["train"]["clients"] == 5 and record["train"]["timeouts"] == 1
         pids.append({c["train"]["worker_pid"] for c in record["clients"].values()})
-    if name != "sequential":  # the sleeping worker was killed and a fresh one serves round 2
-        assert pids[1] - pids[0]
+    if name == "process":  # the sleeping worker was killed and a fresh one serves round 2
+        assert pids[1] - pids[0]  # (ray's replacement takes tasks once up: test_ray_backend)
 
 
 def test_a_client_that_kills_its_worker_is_a_failure(worker_name: str) -> None:

@@ -21,7 +21,7 @@ from pollinate.simulation import simulate
 from pollinate.simulation.backends.ray import RayBackend
 from pollinate.strategy.fedavg import FedAvg
 from pollinate.types import Arrays, Task
-from tests.fakes import MeanClient, MeanClientFn, cache_client_fn, initial
+from tests.fakes import MeanClient, MeanClientFn, SlowStartClientFn, cache_client_fn, initial
 
 
 def _comparable(history: History) -> dict[str, Any]:
@@ -159,3 +159,31 @@ def test_actors_that_cannot_start_are_a_backend_error(ray_session: Any) -> None:
     with pytest.raises(BackendError, match="enough CPUs"):
         backend.start(MeanClientFn())
     assert ray_session.is_initialized()
+
+
+@pytest.mark.slow
+def test_a_replacement_actor_takes_tasks_only_once_it_is_up(ray_session: Any) -> None:
+    # every actor takes 3 s to start; client 5 sleeps past each round's 2 s deadline
+    backend = RayBackend(workers=2)
+    backend.start(SlowStartClientFn({5: "sleep"}, delay_s=3.0))
+    try:
+        tasks = [Task(cid, "train", {"seed": cid, "sleep_s": 60}) for cid in range(6)]
+        rounds = [list(backend.run(initial(), tasks, time.monotonic() + 2)) for _ in range(2)]
+        for ref in list(backend._starting):  # wait for the replacements to come up
+            ray_session.get(ref, timeout=60)
+        third = list(backend.run(initial(), tasks[:5], time.monotonic() + 60))
+    finally:
+        backend.close()
+    assert all(o.ok for o in third)
+    served = {o.result.metrics["worker_pid"] for o in third}
+    first = {o.result.metrics["worker_pid"] for o in rounds[0] if o.ok}
+    survivor = {o.result.metrics["worker_pid"] for o in rounds[1] if o.ok}
+    # both actors that ran the sleeper were replaced; both replacements serve, no killed one
+    assert len(served) == 2 and not served & (first | survivor)
+    for outcomes in rounds[:2]:
+        assert sorted(o.client_id for o in outcomes) == list(range(6))
+        failed = [(o.client_id, o.error) for o in outcomes if not o.ok]
+        assert failed == [(5, "timeout: still running at the round deadline")]
+    # round 2 began while the sleeper's replacement was still starting: the other actor
+    # served every task instead of one waiting 3 s for the newcomer and missing the deadline
+    assert len({o.result.metrics["worker_pid"] for o in rounds[1] if o.ok}) == 1

@@ -5,7 +5,8 @@ every actor unpickles it once and keeps a per-worker cache, so the model is buil
 actor. A round's global arrays go to the object store once; tasks receive the reference and
 each actor copies the arrays out once per round. Tasks are handed out longest first, one at
 a time per actor, and results are yielded as they complete (``ray.wait``). At the deadline
-busy actors are killed and replaced; an actor that dies fails its task and is replaced.
+busy actors are killed and replaced; an actor that dies fails its task and is replaced. A
+replacement takes tasks once it is up, so its start-up is not charged to a client's task.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ class RayBackend(Backend):
         self._actor_cls: Any = None
         self._fn_ref: Any = None
         self._actors: list[Any] = []
+        self._starting: dict[Any, Any] = {}  # ready() reference -> replacement actor
         self._token = 0
 
     def start(self, client_fn: ClientFn) -> None:
@@ -136,11 +138,24 @@ class RayBackend(Backend):
     def _spawn(self) -> Any:
         return self._actor_cls.remote(self._fn_ref)
 
-    def _replace(self, actor: Any) -> Any:
+    def _replace(self, actor: Any) -> None:
+        """Kill ``actor`` and start another in its place; it takes tasks once it is up."""
         self._ray.kill(actor, no_restart=True)
         fresh = self._spawn()
         self._actors[self._actors.index(actor)] = fresh
-        return fresh
+        self._starting[fresh.ready.remote()] = fresh
+
+    def _started(self, ref: Any) -> Any:
+        """The replacement actor whose ``ready()`` is ``ref``, now up."""
+        actor = self._starting.pop(ref)
+        try:
+            self._ray.get(ref)
+        except self._ray.exceptions.RayError as exc:
+            raise BackendError(
+                f"a replacement Ray actor could not start: {_first_line(exc)}. Check that the "
+                "cluster still has the CPUs for it."
+            ) from exc
+        return actor
 
     def run(self, arrays: Arrays, tasks: Sequence[Task], deadline: float) -> Iterator[Outcome]:
         if not self._actors:
@@ -149,7 +164,11 @@ class RayBackend(Backend):
         arrays_ref = [ray.put(list(arrays))]  # nested: actors fetch it once per round
         self._token += 1
         pending = longest_first(tasks)
-        idle = list(self._actors)
+        if self._starting:  # replacements that came up since: they take tasks from the start
+            up = ray.wait(list(self._starting), num_returns=len(self._starting), timeout=0)[0]
+            for ref in up:
+                self._started(ref)
+        idle = [a for a in self._actors if a not in self._starting.values()]
         busy: dict[Any, tuple[Any, Task]] = {}
         try:
             while pending or busy:
@@ -158,7 +177,8 @@ class RayBackend(Backend):
                     while idle and pending:
                         actor, task = idle.pop(), pending.pop(0)
                         busy[actor.run.remote(self._token, arrays_ref, task)] = (actor, task)
-                    done = ray.wait(list(busy), num_returns=1, timeout=remaining)[0]
+                    awaited = list(busy) + (list(self._starting) if pending else [])
+                    done = ray.wait(awaited, num_returns=1, timeout=remaining)[0]
                 if remaining <= 0 or not done:
                     for actor, task in busy.values():
                         self._replace(actor)
@@ -167,9 +187,15 @@ class RayBackend(Backend):
                     for task in pending:
                         yield timeout_outcome(task)
                     return
+                if done[0] in self._starting:
+                    idle.append(self._started(done[0]))
+                    continue
                 actor, task = busy.pop(done[0])
                 outcome, died = self._receive(done[0], task)
-                idle.append(self._replace(actor) if died else actor)
+                if died:
+                    self._replace(actor)
+                else:
+                    idle.append(actor)
                 yield outcome
         finally:
             for actor, _ in busy.values():  # abandoned mid-round: free the actors
@@ -195,6 +221,7 @@ class RayBackend(Backend):
             if self._owns_ray:
                 ray.shutdown()
         self._actors, self._fn_ref, self._owns_ray = [], None, False
+        self._starting = {}
 
 
 def _probe(address: str, timeout: float) -> None:
