@@ -1,0 +1,40 @@
+"""The benchmark scripts run as bench/README.md and bench/DEPLOY.md show, at the smallest sizes.
+
+Only that they run and print their comparison: their figures are measurements, never checked.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+SCRIPTS = {  # script and arguments -> text its report must contain
+    "w2_many_clients.py --rounds 1 --repeats 1": "W2 100 clients",
+    "w3_population.py --rounds 1 --repeats 1 --no-memory": "W3 10000 clients",
+    "deploy_throughput.py --mb 2 --repeats 1 --warmup 0": "all payloads came back with the SHA-256",
+    "deploy_overhead.py --clients 3 --rounds 2 --params 1000": "network/simulation",
+    "deploy_memory.py --clients 5 --rounds 1 --params 1000": "peak during the rounds",
+    "deploy_latency.py --mb 1 --rtt-ms 0,20 --repeats 1": "BDP probing on (default)",
+    "secagg_cost.py --clients 5 --length 100": "client SecAgg+ ms",
+    "privacy_tradeoff.py --rounds 1": "|",
+}
+
+
+@pytest.mark.parametrize("command", SCRIPTS)
+def test_benchmark_script_runs(command: str) -> None:
+    script, *args = command.split()
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert SCRIPTS[command] in proc.stdout, proc.stdout[-3000:]
