@@ -1,14 +1,18 @@
 """The benchmark scripts run as bench/README.md and bench/DEPLOY.md show, at the smallest sizes.
 
 Only that they run and print their comparison: their figures are measurements, never checked.
+The Fashion-MNIST workloads read random images of the real shapes (POLLINATE_DATA points at
+them), so the test needs neither ../shared/data nor the network.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,12 +30,26 @@ SCRIPTS = {  # script and arguments -> text its report must contain
 }
 
 
+@pytest.fixture(scope="module")
+def data_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding a fashion-mnist.npz of random images and labels, the real shapes."""
+    folder = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 60_000), ("test", 10_000)):
+        arrays[f"x_{split}"] = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        arrays[f"y_{split}"] = rng.integers(0, 10, size=n, dtype=np.uint8)
+    np.savez(folder / "fashion-mnist.npz", **arrays)
+    return folder
+
+
 @pytest.mark.parametrize("command", SCRIPTS)
-def test_benchmark_script_runs(command: str) -> None:
+def test_benchmark_script_runs(command: str, data_folder: Path) -> None:
     script, *args = command.split()
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / script), *args],
         cwd=REPO,
+        env={**os.environ, "POLLINATE_DATA": str(data_folder)},
         capture_output=True,
         text=True,
         timeout=300,
