@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.test_datasets import fake_arrays
+
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
@@ -32,14 +34,9 @@ SCRIPTS = {  # script and arguments -> text its report must contain
 
 @pytest.fixture(scope="module")
 def data_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder holding a fashion-mnist.npz of random images and labels, the real shapes."""
+    """A folder holding a fashion-mnist.npz of random images in the real shapes."""
     folder = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for split, n in (("train", 60_000), ("test", 10_000)):
-        arrays[f"x_{split}"] = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-        arrays[f"y_{split}"] = rng.integers(0, 10, size=n, dtype=np.uint8)
-    np.savez(folder / "fashion-mnist.npz", **arrays)
+    np.savez(folder / "fashion-mnist.npz", **fake_arrays(0, n_train=60_000, n_test=10_000))
     return folder
 
 
