@@ -230,7 +230,7 @@ def make_record(
     if centralized is not None:
         loss, metrics = centralized
         record["centralized"] = {"loss": float(loss), **to_python_scalars(metrics)}
-    if federated is not None:
+    if federated is not None and federated.loss is not None:
         record["federated"] = {
             "loss": float(federated.loss),
             **to_python_scalars(federated.metrics),

@@ -14,7 +14,7 @@ from pollinate.privacy import CentralDP, ClientClipping
 from pollinate.privacy.secagg import SecAggConfig, SecAggError
 from pollinate.privacy.secure import MESSAGE, SecureAggregation, SecureClient
 from pollinate.simulation import make_backend, simulate
-from pollinate.strategy.base import StrategyWrapper, TrainSummary
+from pollinate.strategy.base import SecureSum, StrategyWrapper, TrainSummary
 from pollinate.strategy.fedavg import FedAvg
 from pollinate.types import Arrays, Config, EvaluateRes, Outcome, TrainRes
 from tests.fakes import MeanClientFn
@@ -23,11 +23,12 @@ SECAGG = SecAggConfig(neighbours=1.0, threshold=0.6, clip_range=64.0)
 
 
 class Recording(StrategyWrapper):
-    """Keeps every training outcome the strategy is handed."""
+    """Keeps every training outcome and every secure sum the strategy is handed."""
 
     def __init__(self, strategy: Any) -> None:
         super().__init__(strategy)
         self.seen: list[Outcome] = []
+        self.sums: list[SecureSum] = []
 
     def aggregate_train(
         self, round_number: int, arrays: Arrays, outcomes: Iterable[Outcome]
@@ -35,6 +36,10 @@ class Recording(StrategyWrapper):
         kept = list(outcomes)
         self.seen.extend(kept)
         return self.strategy.aggregate_train(round_number, arrays, kept)
+
+    def aggregate_sum(self, round_number: int, arrays: Arrays, summed: SecureSum) -> TrainSummary:
+        self.sums.append(summed)
+        return self.strategy.aggregate_sum(round_number, arrays, summed)
 
 
 class RecordingExecutor:
@@ -101,10 +106,12 @@ def test_the_strategy_and_the_server_never_hold_an_unmasked_update() -> None:
     finally:
         backend.close()
     model = result.arrays[0]
-    assert len(strategy.seen) == 6
-    for o in strategy.seen:  # every client "returns" the aggregate, nothing of its own
-        assert isinstance(o.result, TrainRes)
-        np.testing.assert_array_equal(o.result.arrays[0], model)
+    assert strategy.seen == []  # no individual update reached the strategy: only the sum
+    (summed,) = strategy.sums
+    assert len(summed.survivors) == 6
+    for o in summed.survivors:  # the survivors' bookkeeping, with no arrays of their own
+        assert isinstance(o.result, TrainRes) and o.result.arrays == []
+    np.testing.assert_allclose(summed.total / summed.weight, model.ravel(), atol=1e-3)
     masked = [o for o in executor.outcomes if o.result is not None and o.result.arrays]
     assert len(masked) == 6  # the only arrays that reached the server: masked vectors
     for o in masked:

@@ -38,14 +38,21 @@ from pollinate.privacy.accounting import (
     PrivacyBudgetExceeded,
     PrivacyError,
 )
-from pollinate.strategy.aggregate import check_update
-from pollinate.strategy.base import Failure, Strategy, StrategyWrapper, TrainSummary
+from pollinate.strategy.base import (
+    Failure,
+    SecureSum,
+    SecureTerms,
+    Strategy,
+    StrategyWrapper,
+    TrainSummary,
+)
+from pollinate.strategy.check import check_outcome, update_norm
+from pollinate.strategy.selection import Poisson, Uniform
 from pollinate.types import (
     Arrays,
     ClientId,
     Config,
     EvaluateRes,
-    Metrics,
     Outcome,
     TrainIns,
     TrainRes,
@@ -65,16 +72,6 @@ CLIP_ON = ("server", "client")
 def is_private(array: np.ndarray) -> bool:
     """Whether ``array`` is part of the update that is clipped and noised (floating point)."""
     return bool(array.dtype.kind == "f")
-
-
-def update_norm(arrays: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> float:
-    """The L2 norm of ``arrays − reference`` over the floating-point arrays, in float64."""
-    total = 0.0
-    for a, r in zip(arrays, reference):
-        if is_private(r):
-            d = np.subtract(a, r, dtype=np.float64)
-            total += float(np.vdot(d, d))
-    return math.sqrt(total)
 
 
 def clip_update(
@@ -141,6 +138,25 @@ class ClippedSum:
                 np.add(s, d, out=s)
         self.count += 1
         return True, norm
+
+    def noised_sum(self, stddev: float, rng: np.random.Generator) -> np.ndarray:
+        """``Σ + N(0, stddev²)`` over the float arrays, as one float64 vector in model order
+        (the noise drawn array by array, in order)."""
+        parts = []
+        for s in self.sums:
+            if s is not None:
+                parts.append(
+                    (s + rng.normal(0.0, stddev, size=s.shape) if stddev > 0 else s).ravel()
+                )
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+    def load(self, flat: np.ndarray) -> None:
+        """Set the sum from one float64 vector over the float arrays (secure aggregation)."""
+        offset = 0
+        for s in self.sums:
+            if s is not None:
+                s[...] = flat[offset : offset + s.size].reshape(s.shape)
+                offset += s.size
 
     def noised_model(self, stddev: float, denominator: float, rng: np.random.Generator) -> Arrays:
         """``w + (Σ + N(0, stddev²)) / denominator`` in the model's dtypes (non-floats: ``w``)."""
@@ -219,45 +235,33 @@ class RoundSums:
 
     total: ClippedSum  # Σ clip(Δ_k) and the number of updates in it
     below: int = 0  # Σ 1[‖Δ_k‖ <= C], for adaptive clipping
-    accepted: list[tuple[ClientId, int, Metrics]] = field(default_factory=list)
-    passed: list[Outcome] = field(default_factory=list)  # malformed: the inner strategy records
-    rejected: list[Failure] = field(default_factory=list)  # not clipped as required
-
-
-def _acceptable(outcome: Outcome, template: Arrays) -> bool:
-    """Whether a training outcome is a well-formed update (otherwise the inner strategy
-    rejects and records it)."""
-    res = outcome.result
-    if outcome.error is not None or not isinstance(res, TrainRes):
-        return False
-    n = res.num_examples
-    return (
-        isinstance(res.arrays, (list, tuple))
-        and isinstance(res.metrics, dict)
-        and isinstance(n, (int, np.integer))
-        and not isinstance(n, bool)
-        and n >= 0
-        and check_update(template, res.arrays) is None
-    )
+    accepted: list[Outcome] = field(default_factory=list)  # their metrics, without arrays
+    rejected: list[Failure] = field(default_factory=list)  # malformed, or not clipped as required
 
 
 class CentralDP(StrategyWrapper):
-    """DP-FedAvg (McMahan, Ramage, Talwar & Zhang 2018, arXiv:1710.06963) around any strategy.
+    """DP-FedAvg (McMahan, Ramage, Talwar & Zhang 2018, arXiv:1710.06963) around any
+    sum-based strategy: clip and noise transforms over its weighted sum.
 
     Each round, with global model ``w``, clip C, noise multiplier z:
 
     1. clients are sampled with secret randomness: Poisson (each independently with
-       probability ``q = D/N``) or ``m = D`` of the ``N`` clients without replacement;
-    2. each update ``Δ_k = w_k − w`` is clipped to L2 norm C, on the server
-       (``clip_on="server"``) or on the client (``"client"``: the client is told C in its
-       config under ``dp_clip``, clips with ``ClientClipping``, and the server rejects any
-       update with ``‖Δ_k‖ > C·(1 + 1e-6)``);
-    3. ``w' = w + (Σ_k clip(Δ_k) + N(0, (z·C)² I)) / D``: uniform weights and a fixed
-       denominator ``D`` (the expected clients per round, not the number that answered), so
-       one client moves the sum by at most C whoever else takes part or drops out;
-    4. the wrapped strategy receives ``w'`` in place of every accepted client's model (its
-       weighted mean, median or server optimizer of identical models is post-processing of
-       ``w'``), with the clients' example counts and metrics for its bookkeeping.
+       probability ``q = D/N``, ``pollinate.strategy.selection.Poisson``) or ``m = D`` of
+       the ``N`` clients without replacement;
+    2. each update ``Δ_k = w_k − w`` passes the one update check, then is clipped to L2 norm
+       C, on the server (``clip_on="server"``) or on the client (``"client"``: the client is
+       told C in its config under ``dp_clip``, clips with ``ClientClipping``, and the server
+       rejects any update with ``‖Δ_k‖ > C·(1 + 1e-6)``);
+    3. the sum ``Σ_k clip(Δ_k) + N(0, (z·C)² I)`` goes to the wrapped strategy as a sum
+       (``aggregate_sum``) with the fixed denominator ``D`` (the expected clients per round,
+       not the number that answered), uniform weights, so one client moves it by at most C
+       whoever else takes part or drops out; the wrapped strategy's server optimizer then
+       applies ``Δ = (Σ + noise) / D`` (FedAvg: ``w' = w + Δ``; FedAdam: its Adam step on Δ —
+       post-processing, which costs no privacy).
+
+    The wrapped strategy must be sum-based (a weighted mean): a median or Krum needs the
+    individual updates and is refused when the run is built, as is an algorithm whose
+    weights depend on what each client reports (FedNova, q-FedAvg, SCAFFOLD).
 
     ε after each round comes from ``PrivacyAccountant`` (one ``dp_accounting`` event per
     round, see ``pollinate.privacy.accounting``) and is recorded in the round's ``privacy``
@@ -270,7 +274,7 @@ class CentralDP(StrategyWrapper):
     clipping): without secure aggregation it is trusted. Client training metrics and
     federated evaluation results are not noised. With client-side clipping the server needs
     only the sum of clipped updates, the number of updates and the sum of clipping bits:
-    exactly what a secure aggregation protocol can deliver in place of ``ClippedSum``.
+    exactly what secure aggregation delivers (``secure_terms``/``aggregate_sum``).
 
     ``seed`` makes sampling and noise reproducible, and so removable by anyone who knows
     the seed: use it for experiments only. The default (None) draws from the OS. NumPy's
@@ -315,6 +319,14 @@ class CentralDP(StrategyWrapper):
             )
         if max_epsilon is not None and not max_epsilon > 0:
             raise ConfigError(f"max_epsilon must be > 0 (or None: no limit), got {max_epsilon}")
+        require = getattr(strategy, "require_sum_based", None)
+        if require is not None:
+            require("central DP")
+        elif not strategy.sum_based:
+            raise ConfigError(
+                f"central DP noises the sum of the updates, but {type(strategy).__name__} "
+                "does not aggregate a sum; wrap a sum-based strategy (FedAvg, FedAdam …)"
+            )
         if isinstance(clip, AdaptiveClipping):
             self.adaptive: AdaptiveClipping | None = clip
             self.clip = clip.initial_clip
@@ -379,18 +391,16 @@ class CentralDP(StrategyWrapper):
             )
         rng = self._rng(round_number, 0)
         if self.sampling == "poisson":
-            k = int(rng.binomial(available, self.accountant.rate))
-        else:
-            if available != self.num_clients:
-                raise PrivacyError(
-                    f"round {round_number}: fixed-size sampling is accounted as "
-                    f"{int(self.clients_per_round)} of {self.num_clients} clients, but "
-                    f"{available} are available: the guarantee would not hold; make all "
-                    "clients available or use Poisson sampling"
-                )
-            k = int(self.clients_per_round)
-        picked = np.sort(rng.choice(available, size=k, replace=False))
-        return [clients[int(i)] for i in picked]
+            return Poisson(self.accountant.rate).select(round_number, clients, 0.0, 0, rng)
+        if available != self.num_clients:
+            raise PrivacyError(
+                f"round {round_number}: fixed-size sampling is accounted as "
+                f"{int(self.clients_per_round)} of {self.num_clients} clients, but "
+                f"{available} are available: the guarantee would not hold; make all "
+                "clients available or use Poisson sampling"
+            )
+        k = int(self.clients_per_round)
+        return Uniform().select(round_number, clients, k / available, k, rng)
 
     def configure_train(
         self, round_number: int, arrays: Arrays, clients: Sequence[ClientId]
@@ -414,7 +424,7 @@ class CentralDP(StrategyWrapper):
             out.append((cid, told[id(ins)]))
         return out
 
-    # 3. aggregation ----------------------------------------------------------------------
+    # 2.-3. clip, sum, noise --------------------------------------------------------------
 
     def aggregate_train(
         self, round_number: int, arrays: Arrays, outcomes: Iterable[Outcome]
@@ -422,17 +432,19 @@ class CentralDP(StrategyWrapper):
         return self.release(round_number, arrays, self.collect(arrays, outcomes))
 
     def collect(self, arrays: Arrays, outcomes: Iterable[Outcome]) -> RoundSums:
-        """Clip (or verify) and sum the round's updates as they arrive.
+        """Check, clip (or verify) and sum the round's updates as they arrive.
 
-        This is the step a secure aggregation protocol replaces: it must deliver the same
-        ``RoundSums`` (the sum of clipped updates, their number, the sum of clipping bits)
-        without the server seeing any single update.
+        This is the step secure aggregation replaces: it delivers the same ``RoundSums``
+        (the sum of clipped updates, their number, the sum of clipping bits) without the
+        server seeing any single update (``aggregate_sum``).
         """
         clip, client_side = self.clip, self.clip_on == "client"
         sums = RoundSums(ClippedSum(arrays, clip))
         for outcome in outcomes:
-            if not _acceptable(outcome, arrays):
-                sums.passed.append(outcome)
+            failure = check_outcome(outcome, arrays)
+            if failure is not None:
+                log.warning("client %s %s: %s", failure.client_id, failure.kind, failure.reason)
+                sums.rejected.append(failure)
                 continue
             res = outcome.result
             assert isinstance(res, TrainRes)
@@ -446,30 +458,24 @@ class CentralDP(StrategyWrapper):
                 sums.rejected.append(self._reject(outcome, why))
                 continue
             sums.below += int(bit == 1) if client_side else int(norm <= clip)
-            metrics = {k: v for k, v in res.metrics.items() if not k.startswith("dp_")}
-            sums.accepted.append((outcome.client_id, int(res.num_examples), metrics))
+            sums.accepted.append(_without_arrays(outcome))
         return sums
 
     def release(
         self, round_number: int, arrays: Arrays, sums: RoundSums, noise_in_sum: float = 0.0
     ) -> TrainSummary:
-        """Noise the sum, hand the noised model to the wrapped strategy, account the round.
+        """Noise the sum, hand it to the wrapped strategy, account the round.
 
         ``noise_in_sum``: the standard deviation of Gaussian noise the sum already holds
         (distributed DP: the clients added it); only the rest of ``z·C`` is added here.
         """
         clip = sums.total.clip
         stddev = self.update_noise_multiplier * clip
-        noised = sums.total.noised_model(
-            math.sqrt(max(0.0, stddev**2 - noise_in_sum**2)),
-            self.clients_per_round,
-            self._rng(round_number, 1),
+        noised = sums.total.noised_sum(
+            math.sqrt(max(0.0, stddev**2 - noise_in_sum**2)), self._rng(round_number, 1)
         )
-        feed = sums.passed + [
-            Outcome(cid, "train", result=TrainRes(noised, n, metrics))
-            for cid, n, metrics in sums.accepted
-        ]
-        summary = self.strategy.aggregate_train(round_number, arrays, feed)
+        summed = SecureSum(noised, {}, sums.accepted, self.clients_per_round)
+        summary = self.strategy.aggregate_sum(round_number, arrays, summed)
 
         privacy: dict[str, Any] = {
             "epsilon": self.accountant.epsilon_after(round_number),
@@ -491,6 +497,30 @@ class CentralDP(StrategyWrapper):
             summary, failures=[*summary.failures, *sums.rejected], privacy=privacy
         )
 
+    # secure aggregation: the clipped sum arrives masked ------------------------------------
+
+    def secure_terms(self, round_number: int, num_clients: int, weight_cap: int) -> SecureTerms:
+        if self.clip_on != "client":
+            raise ConfigError(
+                "secure aggregation with central DP needs clip_on = 'client': the server "
+                "never sees an update, so it cannot clip one"
+            )
+        sigma = self.update_noise_multiplier * self.clip
+        return SecureTerms(
+            weight_cap=0,  # uniform: each client moves the sum by at most C
+            noise_stddev=sigma / math.sqrt(num_clients) if num_clients else 0.0,
+            summed_metrics=(BELOW_CLIP_KEY,) if self.adaptive is not None else (),
+        )
+
+    def aggregate_sum(self, round_number: int, arrays: Arrays, summed: SecureSum) -> TrainSummary:
+        sums = RoundSums(ClippedSum(arrays, self.clip))
+        sums.total.load(summed.total)
+        sums.total.count = len(summed.survivors)
+        sums.below = int(round(summed.summed.get(BELOW_CLIP_KEY, 0.0)))
+        sums.accepted = [_without_arrays(o) for o in summed.survivors]
+        sums.rejected = list(summed.failures)
+        return self.release(round_number, arrays, sums, noise_in_sum=summed.noise_stddev)
+
     def restore(self, records: Sequence[dict[str, Any]]) -> None:
         """On resume, adaptive clipping goes on from the clip the last round chose."""
         super().restore(records)
@@ -511,6 +541,14 @@ class CentralDP(StrategyWrapper):
         return Failure(outcome.client_id, "train", f"update rejected: {why}{hint}", "rejected")
 
     # 4. evaluation: the wrapped strategy's -----------------------------------------------
+
+
+def _without_arrays(outcome: Outcome) -> Outcome:
+    """The outcome with its arrays dropped and the ``dp_`` metrics removed (bookkeeping)."""
+    res = outcome.result
+    assert isinstance(res, TrainRes)
+    metrics = {k: v for k, v in res.metrics.items() if not k.startswith("dp_")}
+    return dataclasses.replace(outcome, result=TrainRes([], res.num_examples, metrics))
 
 
 class ClientClipping:

@@ -19,11 +19,11 @@ to cover the updates (and any DP noise). The server computes ``w + Σ_k c_k Δ_k
 from the unmasked sum and the clients' example counts, which travel in the clear with their
 training metrics; non-float arrays (integer counters) keep the global model's value.
 
-The wrapped strategy is then handed that model in place of every surviving client's (as
-``CentralDP`` does): its weighted mean of identical models is the model, and its bookkeeping
-(client counts, metrics, failures) is unchanged. This is right for every strategy whose
-aggregate is a weighted mean of the clients' models (FedAvg and its server optimizers), not
-for robust aggregators such as a median, which need individual updates.
+The strategy is then handed that sum (``Strategy.aggregate_sum``) and turns it into the next
+model with its own server optimizer; it says beforehand how clients weight and noise their
+updates (``Strategy.secure_terms``). Any sum-based strategy works (FedAvg, FedAvgM, FedAdam …),
+wrapped or not; one that needs individual updates (a median, Krum) refuses, with an error
+naming both parts.
 
 With ``CentralDP(clip_on="client")`` the round's clipped updates are summed securely instead
 of in the clear: the clients clip (``ClientClipping``), each adds its share
@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 
 from pollinate.errors import ConfigError
-from pollinate.privacy.dp import BELOW_CLIP_KEY, CentralDP, ClippedSum, RoundSums, is_private
+from pollinate.privacy.dp import is_private
 from pollinate.privacy.secagg import (
     SecAggConfig,
     SecAggError,
@@ -61,7 +61,7 @@ from pollinate.privacy.secagg import (
     client_shares,
     client_unmask,
 )
-from pollinate.strategy.base import Failure, Strategy, TrainSummary
+from pollinate.strategy.base import Failure, SecureSum, Strategy, TrainSummary
 from pollinate.types import (
     Arrays,
     ClientId,
@@ -150,50 +150,36 @@ class SecureAggregation:
         plan: Sequence[tuple[ClientId, TrainIns]],
         observe: Callable[[Iterable[Outcome], int], Iterator[Outcome]],
     ) -> TrainSummary:
-        """One round's training through SecAgg+; the strategy sees only the sum."""
-        dp = strategy if isinstance(strategy, CentralDP) else None
-        if dp is not None and dp.clip_on != "client":
-            raise ConfigError(
-                "secure aggregation with central DP needs clip_on = 'client': the server "
-                "never sees an update, so it cannot clip one"
-            )
-        config: Config = {}
-        weight_cap = 0 if dp is not None else self.max_weight
-        config[WEIGHTING] = weight_cap
-        if dp is not None:
-            sigma = dp.update_noise_multiplier * dp.clip
-            config[NOISE] = sigma / math.sqrt(len(plan)) if plan else 0.0
+        """One round's training through SecAgg+; the strategy sees only the sum.
+
+        The strategy says how the clients weight and noise their updates
+        (``strategy.secure_terms``: example weights for FedAvg, uniform weights and a share
+        of the noise under central DP) and takes the unmasked sum (``aggregate_sum``); a
+        strategy that needs individual updates refuses both.
+        """
+        terms = strategy.secure_terms(round_number, len(plan), self.max_weight)
+        config: Config = {WEIGHTING: terms.weight_cap}
+        if terms.noise_stddev > 0:
+            config[NOISE] = terms.noise_stddev
             if self.seed is not None:  # experiments only: the noise becomes reproducible
                 config[SEEDED] = True
-            if dp.adaptive is not None:
-                config[SUMMED] = BELOW_CLIP_KEY
+        if terms.summed_metrics:
+            config[SUMMED] = ",".join(terms.summed_metrics)
         total, outcomes, failures = self.aggregate(
             round_number, "train", plan, executor, strategy.round_timeout_s, observe, config
         )
         survivors = [o for o in outcomes if isinstance(o.result, TrainRes)]
-        floats = [a for a in arrays if is_private(a)]
-        size = sum(a.size for a in floats)
-        extra = total[size:]
-        if dp is not None:
-            sums = RoundSums(ClippedSum(arrays, dp.clip))
-            _unflatten_into(sums.total.sums, total[:size])
-            sums.total.count = len(survivors)
-            sums.below = int(round(float(extra[0]))) if dp.adaptive is not None else 0
-            for o in survivors:
-                assert isinstance(o.result, TrainRes)
-                sums.accepted.append((o.client_id, o.result.num_examples, o.result.metrics))
-            in_sum = float(config.get(NOISE, 0.0)) ** 2 * len(survivors)
-            summary = dp.release(round_number, arrays, sums, noise_in_sum=math.sqrt(in_sum))
-        else:
-            weights = [_weight(o.result.num_examples, weight_cap) for o in survivors]  # type: ignore[union-attr]
-            model = _mean_model(arrays, total[:size], sum(weights))
-            feed = [
-                Outcome(o.client_id, "train", result=TrainRes(model, r.num_examples, r.metrics))
-                for o in survivors
-                if isinstance((r := o.result), TrainRes)
-            ]
-            summary = strategy.aggregate_train(round_number, arrays, feed)
-        return dataclasses.replace(summary, failures=[*failures, *summary.failures])
+        size = sum(a.size for a in arrays if is_private(a))
+        summed = dict(zip(terms.summed_metrics, (float(v) for v in total[size:])))
+        weight = sum(_weight(o.result.num_examples, terms.weight_cap) for o in survivors)  # type: ignore[union-attr]
+        if weight <= 0:
+            raise SecAggError("no surviving client had a positive weight: the round has no update")
+        noise = terms.noise_stddev * math.sqrt(len(survivors))
+        return strategy.aggregate_sum(
+            round_number,
+            arrays,
+            SecureSum(total[:size], summed, survivors, weight, noise, failures),
+        )
 
     def aggregate(
         self,
@@ -333,32 +319,6 @@ def _msg(o: Outcome) -> Any:
 
 def _weight(num_examples: int, cap: int) -> float:
     return 1.0 if cap == 0 else min(int(num_examples), cap) / cap
-
-
-def _unflatten_into(targets: Sequence[np.ndarray | None], flat: np.ndarray) -> None:
-    """Copy ``flat`` into the float arrays of ``targets`` (None entries are skipped)."""
-    offset = 0
-    for t in targets:
-        if t is None:
-            continue
-        t[...] = flat[offset : offset + t.size].reshape(t.shape)
-        offset += t.size
-
-
-def _mean_model(arrays: Arrays, total: np.ndarray, weight: float) -> Arrays:
-    """``w + Σ c_k Δ_k / Σ c_k`` in the model's dtypes; non-float arrays keep ``w``."""
-    if weight <= 0:
-        raise SecAggError("no surviving client had a positive weight: the round has no update")
-    out: Arrays = []
-    offset = 0
-    for a in arrays:
-        if not is_private(a):
-            out.append(a.copy())
-            continue
-        part = total[offset : offset + a.size].reshape(a.shape) / weight
-        offset += a.size
-        out.append((a.astype(np.float64) + part).astype(a.dtype))
-    return out
 
 
 def flatten_update(arrays: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> np.ndarray:

@@ -10,23 +10,10 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from pollinate.strategy.check import check_update
 from pollinate.types import Arrays, Metrics
 
-
-def check_update(template: Sequence[np.ndarray], update: Sequence[np.ndarray]) -> str | None:
-    """Why ``update`` cannot be averaged into ``template`` (None when it can)."""
-    if len(update) != len(template):
-        return f"expected {len(template)} arrays, got {len(update)}"
-    for i, (t, u) in enumerate(zip(template, update)):
-        if not isinstance(u, np.ndarray):
-            return f"array {i} is {type(u).__name__}, not a NumPy array"
-        if u.shape != t.shape:
-            return f"array {i} has shape {u.shape}, expected {t.shape}"
-        if u.dtype != t.dtype:
-            return f"array {i} has dtype {u.dtype}, expected {t.dtype}"
-        if u.dtype.kind in "fc" and not np.isfinite(u).all():
-            return f"array {i} holds NaN or infinite values"
-    return None
+__all__ = ["MetricsMean", "WeightedMean", "check_update", "weighted_mean"]
 
 
 class WeightedMean:

@@ -1,4 +1,14 @@
-"""The Strategy interface: who takes part in a round and how results become the next model."""
+"""The Strategy interface: who takes part in a round and how results become the next model.
+
+The round loop (``pollinate.server``) talks to a strategy through this interface only. A
+round's training results reach the strategy either one by one, in the clear
+(``aggregate_train``), or as one sum delivered by secure aggregation (``secure_terms`` says
+how the clients must weight and noise their updates; ``aggregate_sum`` takes the sum). A
+strategy that needs individual updates (a median, Krum) refuses the sum with a
+``ConfigError`` when the run is built. ``state``/``load_state`` hold what a strategy keeps
+between rounds (server momentum, moments, control variates, the selection policy's memory),
+saved with every round so that a resumed run continues exactly.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +18,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from pollinate.errors import ConfigError
 from pollinate.types import Arrays, ClientId, EvaluateIns, Metrics, Outcome, TrainIns
 
 log = logging.getLogger("pollinate")
@@ -37,13 +50,40 @@ class TrainSummary:
 
 @dataclass(frozen=True)
 class EvaluateSummary:
-    """What aggregating one round's federated evaluation produced."""
+    """What aggregating one round's federated evaluation produced (``loss`` None: too few
+    clients answered, so there is no federated result, only the failures)."""
 
-    loss: float
+    loss: float | None
     metrics: Metrics
     clients: int
     failures: list[Failure] = field(default_factory=list)
     per_client: dict[ClientId, tuple[float, Metrics]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SecureTerms:
+    """How clients prepare their updates for a secure sum: the weight ``c_k`` of each
+    (``min(n_k, weight_cap) / weight_cap``, or 1 when ``weight_cap`` is 0), the standard
+    deviation of Gaussian noise each adds (distributed DP), and train metrics summed securely
+    instead of sent in the clear."""
+
+    weight_cap: int = 0
+    noise_stddev: float = 0.0
+    summed_metrics: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SecureSum:
+    """What secure aggregation delivers: ``Σ_k c_k Δ_k`` over the float arrays (one float64
+    vector, in model order), the securely summed metrics, and the survivors' outcomes (their
+    example counts and clear metrics; no arrays)."""
+
+    total: np.ndarray
+    summed: dict[str, float]
+    survivors: list[Outcome]
+    weight: float  # Σ_k c_k
+    noise_stddev: float = 0.0  # of the Gaussian noise the sum already holds
+    failures: list[Failure] = field(default_factory=list)
 
 
 class Strategy(ABC):
@@ -84,6 +124,33 @@ class Strategy(ABC):
         """Take up a resumed run: rebuild state kept between rounds from the completed
         rounds' history records (nothing to rebuild by default)."""
 
+    def state(self) -> dict[str, Any]:
+        """What the strategy keeps between rounds, to save with each round: JSON-safe
+        values and NumPy arrays (``pollinate.strategy.state`` packs them)."""
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Take up a resumed run from ``state()`` as saved after its last round."""
+
+    def secure_terms(self, round_number: int, num_clients: int, weight_cap: int) -> SecureTerms:
+        """How the ``num_clients`` clients of a round prepare their updates for a secure sum
+        (``weight_cap``: secure aggregation's cap on example-count weights). Raises
+        ``ConfigError`` when the strategy needs individual updates."""
+        raise ConfigError(
+            f"{type(self).__name__} cannot aggregate a secure sum: it needs the individual "
+            "updates; turn secure aggregation off or use a sum-based strategy (FedAvg)"
+        )
+
+    @property
+    def sum_based(self) -> bool:
+        """Whether the strategy can work from the weighted sum of the updates alone (so
+        under secure aggregation and central DP)."""
+        return False
+
+    def aggregate_sum(self, round_number: int, arrays: Arrays, summed: SecureSum) -> TrainSummary:
+        """The next global model from a secure sum (see ``secure_terms``)."""
+        raise ConfigError(f"{type(self).__name__} cannot aggregate a secure sum")
+
 
 class StrategyWrapper(Strategy):
     """A strategy around another one (privacy wraps, it does not fork): every step is the
@@ -118,3 +185,19 @@ class StrategyWrapper(Strategy):
 
     def restore(self, records: Sequence[dict[str, Any]]) -> None:
         self.strategy.restore(records)
+
+    def state(self) -> dict[str, Any]:
+        return self.strategy.state()
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.strategy.load_state(state)
+
+    def secure_terms(self, round_number: int, num_clients: int, weight_cap: int) -> SecureTerms:
+        return self.strategy.secure_terms(round_number, num_clients, weight_cap)
+
+    @property
+    def sum_based(self) -> bool:
+        return self.strategy.sum_based
+
+    def aggregate_sum(self, round_number: int, arrays: Arrays, summed: SecureSum) -> TrainSummary:
+        return self.strategy.aggregate_sum(round_number, arrays, summed)

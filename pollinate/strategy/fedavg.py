@@ -1,16 +1,28 @@
-"""Federated Averaging."""
+"""Federated Averaging, and the composed strategy every named algorithm is a preset of."""
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
 from pollinate.errors import ConfigError, RoundFailedError
-from pollinate.strategy.aggregate import MetricsMean, WeightedMean, check_update
-from pollinate.strategy.base import EvaluateSummary, Failure, Strategy, TrainSummary
+from pollinate.strategy.aggregate import MetricsMean
+from pollinate.strategy.aggregators import Aggregator, WeightedMean
+from pollinate.strategy.algorithms import LocalAlgorithm, as_float64
+from pollinate.strategy.base import (
+    EvaluateSummary,
+    Failure,
+    SecureSum,
+    SecureTerms,
+    Strategy,
+    TrainSummary,
+)
+from pollinate.strategy.check import UpdateBounds, check_outcome
+from pollinate.strategy.optimizers import Plain, ServerOptimizer
+from pollinate.strategy.selection import SelectionPolicy, Uniform
 from pollinate.types import (
     Arrays,
     ClientId,
@@ -27,20 +39,31 @@ log = logging.getLogger("pollinate")
 
 ConfigFn = Callable[[int], Config]
 EvaluateFn = Callable[[Arrays], tuple[float, Metrics]]
+Accepted = list[tuple[ClientId, int, Metrics]]
 
 
 class FedAvg(Strategy):
-    """Federated Averaging (McMahan et al. 2017, arXiv:1602.05629).
+    """Federated Averaging (McMahan et al. 2017, arXiv:1602.05629), built from parts.
 
     Each round a fraction of the clients trains the global model ``w`` locally; client ``k``
-    returns ``w_k`` trained on ``n_k`` examples, and the next global model is the
-    example-weighted mean ``w ← Σ_k n_k w_k / Σ_k n_k``. The mean is a running sum fed one
-    result at a time. An update with other shapes or dtypes than ``w``, or with NaN/inf, is
-    rejected and recorded, never averaged in. The round fails (``RoundFailedError``) when
-    fewer than ``min_train_clients`` updates were accepted.
+    returns ``w_k`` trained on ``n_k`` examples, and by default the next global model is the
+    example-weighted mean ``w ← Σ_k n_k w_k / Σ_k n_k``, folded one result at a time into a
+    running sum. The round, part by part (each a value passed in):
 
-    Client sampling is uniform without replacement, seeded by ``(seed, round)``, so the same
-    seed samples the same clients on every backend.
+    1. ``selection`` picks the round's clients (``Uniform`` by default: without replacement,
+       seeded by ``(seed, round)``, so the same seed samples the same clients everywhere);
+    2. ``algorithm`` says what else each client is told and sends back (FedProx's proximal
+       term, SCAFFOLD's control variates, …);
+    3. every result passes the one update check (``check_outcome``: types, shapes, dtypes,
+       finite values) and the ``bounds`` (norm and example-count caps: ``UpdateBounds()``;
+       off by default in Python, on by default from a run config); a failing one is
+       recorded as rejected, never aggregated;
+    4. ``aggregator`` reduces the accepted results (weighted mean, median, Krum …);
+    5. ``optimizer`` applies ``Δ = aggregate − w`` to the model (``Plain(1.0)``: FedAvg).
+
+    The round fails (``RoundFailedError``) when fewer than ``min_train_clients`` updates
+    were accepted. Named algorithms (``FedAdam``, ``FedProx``, ``Krum`` …) are presets of
+    these parts (``pollinate.strategy.presets``).
     """
 
     def __init__(
@@ -56,7 +79,12 @@ class FedAvg(Strategy):
         evaluate_config: Config | ConfigFn | None = None,
         evaluate_fn: EvaluateFn | None = None,
         accumulate_dtype: str = "float64",
-        seed: int = 0,
+        seed: int | None = 0,
+        selection: SelectionPolicy | None = None,
+        aggregator: Aggregator | None = None,
+        optimizer: ServerOptimizer | None = None,
+        algorithm: LocalAlgorithm | None = None,
+        bounds: UpdateBounds | None = None,
     ) -> None:
         for name, value in (
             ("fraction_train", fraction_train),
@@ -73,7 +101,7 @@ class FedAvg(Strategy):
                 raise ConfigError(f"strategy.{name} must be >= 0, got {count}")
         if fraction_train == 0:
             raise ConfigError("strategy.fraction_train must be > 0: no client would train")
-        if round_timeout_s <= 0:
+        if not round_timeout_s > 0:
             raise ConfigError(f"strategy.round_timeout_s must be > 0, got {round_timeout_s}")
         if accumulate_dtype not in ("float64", "float32"):
             raise ConfigError(
@@ -90,32 +118,41 @@ class FedAvg(Strategy):
         self.evaluate_fn = evaluate_fn
         self.accumulate_dtype = accumulate_dtype
         self.seed = seed
+        self.selection = selection if selection is not None else Uniform()
+        self.aggregator = aggregator if aggregator is not None else WeightedMean(accumulate_dtype)
+        self.optimizer = optimizer if optimizer is not None else Plain()
+        self.algorithm = algorithm if algorithm is not None else LocalAlgorithm()
+        self.bounds = bounds if bounds is not None else UpdateBounds.off()
+        self._entropy = np.random.default_rng()  # secret randomness when seed is None
 
-    # 1. sampling and configuration -------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """The parts, for the run's record."""
+        return {
+            "selection": self.selection.describe(),
+            "algorithm": {"name": self.algorithm.name, **self.algorithm.describe()},
+            "aggregator": self.aggregator.describe(),
+            "optimizer": self.optimizer.describe(),
+        }
 
-    def _sample(
-        self,
-        round_number: int,
-        clients: Sequence[ClientId],
-        fraction: float,
-        minimum: int,
-        salt: int,
-    ) -> list[ClientId]:
-        available = len(clients)
-        if available < self.min_available_clients:
+    @property
+    def sum_based(self) -> bool:
+        """Whether the strategy needs only the weighted sum of the round's models."""
+        return bool(self.aggregator.sum_based and self.algorithm.sum_based)
+
+    def rng(self, round_number: int, purpose: int) -> np.random.Generator:
+        """The generator for one round's draws (secret when ``seed`` is None)."""
+        if self.seed is None:
+            return self._entropy
+        return np.random.default_rng([self.seed, round_number, purpose])
+
+    # 1.-2. selection and instructions ------------------------------------------------------
+
+    def _available(self, round_number: int, clients: Sequence[ClientId]) -> None:
+        if len(clients) < self.min_available_clients:
             raise RoundFailedError(
-                f"round {round_number}: {available} clients available, fewer than "
+                f"round {round_number}: {len(clients)} clients available, fewer than "
                 f"min_available_clients={self.min_available_clients}"
             )
-        if fraction <= 0:
-            return []
-        # round first: 0.07 * 100 is 7.000000000000001 in floating point, which must give 7
-        k = min(available, max(minimum, math.ceil(round(fraction * available, 6))))
-        if k == available:
-            return list(clients)
-        rng = np.random.default_rng([self.seed, round_number, salt])
-        picked = np.sort(rng.choice(available, size=k, replace=False))
-        return [clients[int(i)] for i in picked]
 
     @staticmethod
     def _config(source: Config | ConfigFn | None, round_number: int) -> Config:
@@ -125,30 +162,72 @@ class FedAvg(Strategy):
     def configure_train(
         self, round_number: int, arrays: Arrays, clients: Sequence[ClientId]
     ) -> list[tuple[ClientId, TrainIns]]:
-        picked = self._sample(round_number, clients, self.fraction_train, self.min_train_clients, 0)
-        ins = TrainIns(arrays, self._config(self.train_config, round_number))
+        self._available(round_number, clients)
+        picked = self.selection.select(
+            round_number,
+            clients,
+            self.fraction_train,
+            self.min_train_clients,
+            self.rng(round_number, 0),
+        )
+        return self.instruct(round_number, arrays, picked, len(clients))
+
+    def instruct(
+        self, round_number: int, arrays: Arrays, picked: Sequence[ClientId], population: int
+    ) -> list[tuple[ClientId, TrainIns]]:
+        """The training plan for clients already picked (one broadcast to all of them)."""
+        self.algorithm.start(arrays, population)
+        sent, extra = self.algorithm.instructions(arrays)
+        ins = TrainIns(sent, {**self._config(self.train_config, round_number), **extra})
         return [(cid, ins) for cid in picked]
 
     def configure_evaluate(
         self, round_number: int, arrays: Arrays, clients: Sequence[ClientId]
     ) -> list[tuple[ClientId, EvaluateIns]]:
-        picked = self._sample(
-            round_number, clients, self.fraction_evaluate, self.min_evaluate_clients, 1
+        self._available(round_number, clients)
+        picked = Uniform().select(
+            round_number,
+            clients,
+            self.fraction_evaluate,
+            self.min_evaluate_clients,
+            self.rng(round_number, 1),
         )
         ins = EvaluateIns(arrays, self._config(self.evaluate_config, round_number))
         return [(cid, ins) for cid in picked]
 
-    # 3. aggregation ----------------------------------------------------------------------
+    # 3.-5. aggregation ---------------------------------------------------------------------
 
     def aggregate_train(
         self, round_number: int, arrays: Arrays, outcomes: Iterable[Outcome]
     ) -> TrainSummary:
-        mean = WeightedMean(arrays, self.accumulate_dtype)
-        metrics = MetricsMean()
+        expected = self.algorithm.expected(arrays)
+        model_size = len(arrays)
+        acc = self.aggregator.start(as_float64(arrays))
+        self.bounds.start_round()
+        accepted: Accepted = []
         failures: list[Failure] = []
-        per_client: dict[ClientId, tuple[int, Metrics]] = {}
         for outcome in outcomes:
-            failure = _failure_of(outcome, arrays)
+            failure = check_outcome(outcome, expected)  # 3. the one update check
+            res = outcome.result
+            if failure is None:
+                assert isinstance(res, TrainRes)
+                model, why = self.bounds.apply(
+                    list(res.arrays[:model_size]), int(res.num_examples), arrays
+                )
+                weighed = (
+                    self.algorithm.weigh(
+                        [*model, *res.arrays[model_size:]],
+                        int(res.num_examples),
+                        res.metrics,
+                        arrays,
+                    )
+                    if why is None
+                    else why
+                )
+                if isinstance(weighed, str):
+                    failure = Failure(
+                        outcome.client_id, "train", f"update rejected: {weighed}", "rejected"
+                    )
             if failure is not None:
                 failures.append(failure)
                 log.warning(
@@ -159,18 +238,79 @@ class FedAvg(Strategy):
                     failure.reason,
                 )
                 continue
-            res = outcome.result
-            assert isinstance(res, TrainRes)
-            mean.add(res.arrays, res.num_examples)
-            metrics.add(res.metrics, res.num_examples)
-            per_client[outcome.client_id] = (res.num_examples, res.metrics)
-        if mean.count < max(1, self.min_train_clients) or mean.total_weight <= 0:
+            assert isinstance(res, TrainRes) and not isinstance(weighed, str)
+            acc.add(*weighed)  # 4. the aggregator, as results arrive
+            accepted.append((outcome.client_id, int(res.num_examples), res.metrics))
+        self._enough(round_number, len(accepted), acc.total_weight, failures)
+        delta = self.algorithm.finish(acc.result(), arrays)
+        return self.conclude(round_number, arrays, delta, accepted, failures)
+
+    def _enough(
+        self, round_number: int, count: int, weight: float, failures: Sequence[Failure]
+    ) -> None:
+        if count < max(1, self.min_train_clients) or weight <= 0:
             raise RoundFailedError(
-                f"round {round_number}: only {mean.count} client updates were accepted "
+                f"round {round_number}: only {count} client updates were accepted "
                 f"(min_train_clients={self.min_train_clients}); {len(failures)} failed: "
                 + "; ".join(f"client {f.client_id}: {f.reason}" for f in failures[:5])
             )
-        return TrainSummary(mean.result(), metrics.result(), mean.count, failures, per_client)
+
+    def conclude(
+        self,
+        round_number: int,
+        arrays: Arrays,
+        delta: Arrays,
+        accepted: Accepted,
+        failures: list[Failure],
+    ) -> TrainSummary:
+        """5. The server optimizer's step with the round's update ``delta``, and the round's
+        bookkeeping (metrics, per-client entries; the selection policy's memory)."""
+        new = self.optimizer.step(arrays, delta)
+        metrics = MetricsMean()
+        per_client: dict[ClientId, tuple[int, Metrics]] = {}
+        for cid, n, client_metrics in accepted:
+            metrics.add(client_metrics, n)
+            per_client[cid] = (n, client_metrics)
+        self.selection.observe(
+            round_number,
+            {cid: m for cid, (_, m) in per_client.items()},
+            {f.client_id: f.kind for f in failures},
+        )
+        return TrainSummary(new, metrics.result(), len(accepted), failures, per_client)
+
+    # secure aggregation: the sum instead of the updates ------------------------------------
+
+    def secure_terms(self, round_number: int, num_clients: int, weight_cap: int) -> SecureTerms:
+        self.require_sum_based("secure aggregation")
+        return SecureTerms(weight_cap=weight_cap)
+
+    def require_sum_based(self, what: str) -> None:
+        """Raise ``ConfigError`` naming both parts when the strategy cannot run on a sum."""
+        if not self.aggregator.sum_based:
+            raise ConfigError(
+                f"{what} delivers only the sum of the updates, but the aggregator "
+                f"{self.aggregator.name!r} needs the individual updates; use the weighted "
+                f"mean (FedAvg, FedAdam …) with {what}, or turn {what} off"
+            )
+        if not self.algorithm.sum_based:
+            raise ConfigError(
+                f"{what} delivers only the sum of the updates, but {self.algorithm.name} "
+                "weighs each client's update by what that client reports; use it without "
+                f"{what}"
+            )
+
+    def aggregate_sum(self, round_number: int, arrays: Arrays, summed: SecureSum) -> TrainSummary:
+        self.require_sum_based("secure aggregation")
+        accepted: Accepted = []
+        for o in summed.survivors:
+            res = o.result
+            if isinstance(res, TrainRes):
+                accepted.append((o.client_id, int(res.num_examples), res.metrics))
+        self._enough(round_number, len(accepted), summed.weight, summed.failures)
+        delta = unflatten(summed.total / summed.weight, arrays)
+        return self.conclude(round_number, arrays, delta, accepted, list(summed.failures))
+
+    # evaluation ----------------------------------------------------------------------------
 
     def aggregate_evaluate(
         self, round_number: int, outcomes: Iterable[Outcome]
@@ -180,7 +320,7 @@ class FedAvg(Strategy):
         failures: list[Failure] = []
         per_client: dict[ClientId, tuple[float, Metrics]] = {}
         for outcome in outcomes:
-            failure = _failure_of(outcome, None)
+            failure = check_outcome(outcome, None)
             if failure is not None:
                 failures.append(failure)
                 continue
@@ -191,68 +331,61 @@ class FedAvg(Strategy):
             metrics.add(res.metrics, res.num_examples)
             per_client[outcome.client_id] = (res.loss, res.metrics)
         if weight == 0 or len(per_client) < self.min_evaluate_clients:
-            if weight or failures:
-                log.warning(
-                    "round %d: federated evaluation skipped: %d clients answered "
-                    "(min_evaluate_clients=%d)",
-                    round_number,
-                    len(per_client),
-                    self.min_evaluate_clients,
-                )
-            return None
+            if not failures:
+                if weight:
+                    log.warning(
+                        "round %d: federated evaluation skipped: %d clients answered "
+                        "(min_evaluate_clients=%d)",
+                        round_number,
+                        len(per_client),
+                        self.min_evaluate_clients,
+                    )
+                return None
+            log.warning(
+                "round %d: federated evaluation skipped: %d clients answered, %d failed "
+                "(min_evaluate_clients=%d)",
+                round_number,
+                len(per_client),
+                len(failures),
+                self.min_evaluate_clients,
+            )
+            return EvaluateSummary(None, {}, len(per_client), failures, {})
         return EvaluateSummary(
             loss_sum / weight, metrics.result(), len(per_client), failures, per_client
         )
-
-    # 4. centralized evaluation -----------------------------------------------------------
 
     def evaluate(self, round_number: int, arrays: Arrays) -> tuple[float, Metrics] | None:
         if self.evaluate_fn is None:
             return None
         return self.evaluate_fn(arrays)
 
+    # state that lasts ----------------------------------------------------------------------
 
-def _failure_of(outcome: Outcome, template: Arrays | None) -> Failure | None:
-    """The failure an outcome stands for, or None if it can be aggregated."""
-    if outcome.error is not None:
-        kind = "timeout" if outcome.error.startswith("timeout") else "error"
-        return Failure(outcome.client_id, outcome.kind, outcome.error, kind)
-    res = outcome.result
-    expected = TrainRes if outcome.kind == "train" else EvaluateRes
-    if not isinstance(res, expected):
-        return Failure(
-            outcome.client_id,
-            outcome.kind,
-            f"returned {type(res).__name__}, expected {expected.__name__}",
-            "rejected",
-        )
-    if not isinstance(res.metrics, dict):
-        return Failure(
-            outcome.client_id,
-            outcome.kind,
-            f"metrics must be a dict, got {type(res.metrics).__name__}",
-            "rejected",
-        )
-    n = res.num_examples
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-        return Failure(
-            outcome.client_id,
-            outcome.kind,
-            f"num_examples must be an int >= 0, got {n!r}",
-            "rejected",
-        )
-    if isinstance(res, TrainRes) and template is not None:
-        reason = (
-            check_update(template, res.arrays)
-            if isinstance(res.arrays, (list, tuple))
-            else f"arrays must be a list of NumPy arrays, got {type(res.arrays).__name__}"
-        )
-        if reason:
-            return Failure(
-                outcome.client_id, outcome.kind, f"update rejected: {reason}", "rejected"
-            )
-    if isinstance(res, EvaluateRes) and (
-        not isinstance(res.loss, (int, float, np.number)) or not math.isfinite(res.loss)
-    ):
-        return Failure(outcome.client_id, outcome.kind, f"non-finite loss {res.loss}", "rejected")
-    return None
+    def state(self) -> dict[str, Any]:
+        parts = {
+            "selection": self.selection.state(),
+            "algorithm": self.algorithm.state(),
+            "optimizer": self.optimizer.state(),
+            "bounds": self.bounds.state(),
+        }
+        return {k: v for k, v in parts.items() if v}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.selection.load_state(state.get("selection", {}))
+        self.algorithm.load_state(state.get("algorithm", {}))
+        self.optimizer.load_state(state.get("optimizer", {}))
+        self.bounds.load_state(state.get("bounds", {}))
+
+
+def unflatten(flat: np.ndarray, arrays: Arrays) -> Arrays:
+    """A float64 vector over the float arrays of ``arrays`` (model order) as a ``Δ`` with one
+    array per model array; non-float arrays get a zero ``Δ`` (they keep their value)."""
+    out: Arrays = []
+    offset = 0
+    for a in arrays:
+        if a.dtype.kind != "f":
+            out.append(np.zeros(a.shape, np.float64))
+            continue
+        out.append(flat[offset : offset + a.size].reshape(a.shape))
+        offset += a.size
+    return out
