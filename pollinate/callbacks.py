@@ -144,11 +144,20 @@ class ProgressDisplay(Callback):
             self._progress = None
 
 
-def save_checkpoint(path: Path, arrays: Arrays, meta: dict[str, Any]) -> None:
-    """Write ``arrays`` and JSON metadata to an ``.npz`` file, atomically."""
+def save_checkpoint(
+    path: Path, arrays: Arrays, meta: dict[str, Any], state: dict[str, Any] | None = None
+) -> None:
+    """Write ``arrays``, JSON metadata and (optionally) a strategy's ``state`` to an ``.npz``
+    file, atomically."""
+    from pollinate.strategy.state import pack
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
-    named = {f"arr_{i:04d}": a for i, a in enumerate(arrays)}
+    named: dict[str, np.ndarray] = {f"arr_{i:04d}": a for i, a in enumerate(arrays)}
+    if state:
+        tree, state_arrays = pack(state)
+        meta = {**meta, "strategy_state": tree}
+        named.update(state_arrays)
     np.savez(tmp, __meta__=np.array(json.dumps(meta)), **named)  # type: ignore[arg-type]
     tmp.replace(path)
 
@@ -159,6 +168,20 @@ def load_checkpoint(path: str | Path) -> tuple[Arrays, dict[str, Any]]:
         keys = sorted(k for k in data.files if k.startswith("arr_"))
         meta = json.loads(str(data["__meta__"])) if "__meta__" in data.files else {}
         return [data[k] for k in keys], meta
+
+
+def load_strategy_state(path: str | Path) -> dict[str, Any]:
+    """The strategy state saved in a checkpoint (empty when it holds none)."""
+    from pollinate.strategy.state import PREFIX, unpack
+
+    with np.load(path, allow_pickle=False) as data:
+        meta = json.loads(str(data["__meta__"])) if "__meta__" in data.files else {}
+        tree = meta.get("strategy_state")
+        if not tree:
+            return {}
+        arrays = {k: data[k] for k in data.files if k.startswith(PREFIX)}
+        state: dict[str, Any] = unpack(tree, arrays)
+        return state
 
 
 def _score(record: dict[str, Any]) -> float | None:

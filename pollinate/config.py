@@ -69,7 +69,12 @@ class TrainSection:
 
 @dataclass
 class StrategySection:
-    """[strategy]: client selection and aggregation."""
+    """[strategy]: client selection and aggregation.
+
+    The algorithm-specific keys (``server_lr`` … ``num_selected``) default to None: the named
+    strategy's own default (``pollinate.strategy.presets``); a key the strategy does not
+    take is an error.
+    """
 
     name: str = "fedavg"
     fraction_train: float = 1.0
@@ -78,6 +83,27 @@ class StrategySection:
     fraction_evaluate: float = 1.0
     min_evaluate_clients: int = 2
     round_timeout_s: float = 600.0
+    selection: str = "uniform"  # uniform | poisson | power_of_choice | cooldown
+    candidates: int = 0  # power_of_choice: d clients polled (0: twice the round's size)
+    cooldown_rounds: int = 3  # cooldown: rounds a failed client sits out
+    # update bounds, on by default (see pollinate.strategy.check.UpdateBounds)
+    max_norm: float = 0.0  # > 0: an absolute cap on each update's L2 norm
+    norm_factor: float = 100.0  # cap: this × the round's median update norm (0: off)
+    max_examples: int = 0  # > 0: an absolute cap on a client's declared example count
+    examples_factor: float = 100.0  # cap: this × the round's median example count (0: off)
+    on_excess: str = "reject"  # reject | clip (the norm cap)
+    # algorithm-specific (None: the strategy's default)
+    server_lr: float | None = None  # fedavgm, fedadam, fedyogi, fedadagrad, scaffold
+    server_momentum: float | None = None  # fedavgm
+    beta_1: float | None = None  # fedadam, fedyogi, fedadagrad
+    beta_2: float | None = None  # fedadam, fedyogi
+    tau: float | None = None  # fedadam, fedyogi, fedadagrad
+    proximal_mu: float | None = None  # fedprox
+    q: float | None = None  # qfedavg
+    lipschitz: float | None = None  # qfedavg (default 1 / train.lr)
+    trim_fraction: float | None = None  # fedtrimmedavg
+    num_malicious: int | None = None  # krum, multikrum, bulyan
+    num_selected: int | None = None  # multikrum
 
 
 @dataclass
@@ -145,7 +171,8 @@ class RunConfig:
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("data", "partition"): ("iid", "dirichlet", "shards", "quantity"),
     ("train", "optimizer"): ("sgd", "adam"),
-    ("strategy", "name"): ("fedavg",),
+    ("strategy", "selection"): ("uniform", "poisson", "power_of_choice", "cooldown"),
+    ("strategy", "on_excess"): ("reject", "clip"),
     ("simulation", "backend"): ("sequential", "process", "ray"),
     ("privacy", "mode"): ("none", "central", "local"),
     ("privacy", "clip_on"): ("server", "client"),
@@ -179,6 +206,12 @@ NON_NEGATIVE = {
     ("strategy", "min_train_clients"),
     ("strategy", "min_available_clients"),
     ("strategy", "min_evaluate_clients"),
+    ("strategy", "candidates"),
+    ("strategy", "cooldown_rounds"),
+    ("strategy", "max_norm"),
+    ("strategy", "norm_factor"),
+    ("strategy", "max_examples"),
+    ("strategy", "examples_factor"),
     ("privacy", "noise_multiplier"),
     ("privacy", "target_epsilon"),
     ("privacy", "max_epsilon"),
@@ -208,6 +241,8 @@ def _unknown(kind: str, name: str, known: list[str]) -> ConfigError:
 
 def _coerce(section: str, key: str, value: Any, hint: Any) -> Any:
     where = f"{section}.{key}"
+    if hint in (float | None, int | None):  # optional: absent means "the default"
+        return _coerce(section, key, value, float if hint == float | None else int)
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where} must be true or false, got {value!r}")
@@ -219,6 +254,8 @@ def _coerce(section: str, key: str, value: Any, hint: Any) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where} must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -268,8 +305,41 @@ def _check(cfg: RunConfig) -> None:
         )
     if not cfg.run.name.strip():
         raise ConfigError("run.name must not be empty")
+    _check_strategy(cfg)
     _check_privacy(cfg.privacy)
     _check_secure(cfg)
+
+
+def strategy_params(s: StrategySection) -> dict[str, Any]:
+    """The algorithm-specific [strategy] keys that were set (not None)."""
+    from pollinate.strategy.presets import PARAM_OWNERS
+
+    return {k: getattr(s, k) for k in PARAM_OWNERS if getattr(s, k, None) is not None}
+
+
+def _check_strategy(cfg: RunConfig) -> None:
+    from pollinate.strategy.presets import PRESETS, preset_params
+
+    s = cfg.strategy
+    if ":" in s.name:
+        return  # a user's strategy: its own checks when it is built
+    if s.name not in PRESETS:
+        close = difflib.get_close_matches(s.name, list(PRESETS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(
+            f"strategy.name = {s.name!r} is not allowed{hint}; choose one of: "
+            f"{', '.join(PRESETS)}, or 'package.module:Class' for your own strategy"
+        )
+    allowed = preset_params(s.name)
+    for key in strategy_params(s):
+        if key not in allowed:
+            from pollinate.strategy.presets import PARAM_OWNERS
+
+            raise ConfigError(
+                f"strategy.{key} does not apply to strategy {s.name!r} (it belongs to "
+                f"{', '.join(PARAM_OWNERS[key])}); {s.name!r} takes: "
+                f"{', '.join(allowed) or 'no algorithm-specific keys'}"
+            )
 
 
 def _check_secure(cfg: RunConfig) -> None:
@@ -296,11 +366,13 @@ def _max_clients_per_round(cfg: RunConfig) -> int:
     """The most clients a round is expected to sample. Poisson sampling draws a binomial
     number: its mean plus 6 standard deviations (exceeded about once in 10^9 rounds; a round
     that does sample more is refused by the round's own check, with the same explanation)."""
+    from pollinate.strategy.selection import sample_size
+
     n = cfg.data.num_clients
     q = cfg.strategy.fraction_train
     if cfg.privacy.mode == "central" and cfg.privacy.sampling == "poisson":
         return min(n, math.ceil(n * q + 6 * math.sqrt(n * q * (1 - q))))
-    return min(n, max(cfg.strategy.min_train_clients, math.ceil(q * n)))
+    return sample_size(q, n, cfg.strategy.min_train_clients)
 
 
 def _check_privacy(p: PrivacySection) -> None:

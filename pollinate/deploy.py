@@ -20,7 +20,7 @@ from pollinate.callbacks import ProgressDisplay, RunFolderWriter
 from pollinate.client import ClientFn
 from pollinate.config import RunConfig
 from pollinate.errors import ConfigError
-from pollinate.server import Callback, History, RunResult, run
+from pollinate.server import Callback, RunResult, run
 from pollinate.transport import DEFAULT_RESULT_MEMORY_BYTES
 from pollinate.types import Arrays, ClientId
 
@@ -71,13 +71,16 @@ class Security:
 
 
 class StateRecorder(Callback):
-    """Commits each finished round, with its global model, to the server's SQLite state."""
+    """Commits each finished round, with its global model and the strategy's state, to the
+    server's SQLite state."""
 
-    def __init__(self, state: Any) -> None:
+    def __init__(self, state: Any, strategy: Any = None) -> None:
         self.state = state
+        self.strategy = strategy
 
     def on_round_end(self, record: dict[str, Any], arrays: Arrays) -> None:
-        self.state.record_round(record["round"], record, arrays)
+        saved = self.strategy.state() if self.strategy is not None else {}
+        self.state.record_round(record["round"], record, arrays, strategy_state=saved)
 
 
 class ConnectedClients:
@@ -116,8 +119,7 @@ def serve(
 ) -> RunResult:
     """Run ``cfg``'s rounds over the clients that connect to ``address`` (the transport
     settings are ``FleetServer``'s)."""
-    from pollinate.experiment import build_data, build_model_fn, build_secure, build_strategy
-    from pollinate.frameworks.torch import initial_arrays, torch_evaluator
+    from pollinate.experiment import build_run
     from pollinate.privacy.accounting import PrivacyBudgetExceeded
     from pollinate.state import ServerState
     from pollinate.transport.grpc.server import FleetServer, GrpcExecutor
@@ -126,12 +128,13 @@ def serve(
     state = ServerState.open(cfg.output_dir / "server.sqlite", cfg.to_dict(), fresh=fresh)
     try:
         last, saved, records = state.load_latest()
-        data = build_data(cfg)  # the server uses only the data set's own test split
-        model_fn = build_model_fn(cfg, data)
-        strategy = build_strategy(cfg, torch_evaluator(model_fn, *data.server_test()))
-        arrays = saved if saved is not None else initial_arrays(model_fn, cfg.run.seed)
-        history = History(config=cfg.to_dict(), rounds=list(records))
+        built = build_run(cfg, run_tag=state.run_id)  # the server uses only the test split
+        strategy, data = built.strategy, built.data
+        arrays = saved if saved is not None else built.initial_arrays
+        history = built.history(records)
         strategy.restore(history.rounds)  # e.g. the adaptive clip, clients' local DP releases
+        if last:
+            strategy.load_state(state.strategy_state(last))  # momentum, moments, variates …
         if last >= cfg.run.rounds:
             print(  # not a log line: -q must not hide why the server exits at once
                 f"pollinate server {state.run_id[:8]}: the run already finished all {last} "
@@ -161,7 +164,7 @@ def serve(
             if ready is not None:
                 ready.set()
             callbacks = [
-                StateRecorder(state),
+                StateRecorder(state, strategy),
                 ProgressDisplay(quiet=quiet),
                 RunFolderWriter(cfg.output_dir, history, label_counts=data.label_counts()),
             ]
@@ -175,7 +178,7 @@ def serve(
                     callbacks=callbacks,
                     history=history,
                     start_round=last + 1,
-                    secure=build_secure(cfg, run_tag=state.run_id),
+                    secure=built.secure,
                 )
             except PrivacyBudgetExceeded as exc:  # a clean stop: completed rounds are saved
                 log.warning("%s; the completed rounds are in %s", exc, cfg.output_dir)
@@ -270,16 +273,15 @@ def load_app(spec: str) -> ClientFn:
 
 def config_client_fn(cfg: RunConfig, partition: int) -> ClientFn:
     """The built-in classification client for partition ``partition`` of ``cfg``'s data."""
-    from pollinate.experiment import build_data, build_model_fn, wrap_client_fn
-    from pollinate.frameworks.torch import classification_app
+    from pollinate.experiment import build_run
 
-    data = build_data(cfg)
-    if not 0 <= partition < data.num_clients:
+    built = build_run(cfg)
+    if not 0 <= partition < built.data.num_clients:
         raise ConfigError(
             f"--partition {partition} is out of range: the config splits its data into "
-            f"{data.num_clients} partitions (0..{data.num_clients - 1})"
+            f"{built.data.num_clients} partitions (0..{built.data.num_clients - 1})"
         )
-    return wrap_client_fn(cfg, classification_app(build_model_fn(cfg, data), data))
+    return built.client_fn()
 
 
 def connect(

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pollinate.callbacks import ProgressDisplay, RunFolderWriter
@@ -14,7 +14,7 @@ from pollinate.data import FederatedDataset, load_dataset, make_partitioner
 from pollinate.server import Callback, History, RunResult
 from pollinate.simulation import simulate
 from pollinate.strategy.base import Strategy
-from pollinate.strategy.fedavg import EvaluateFn, FedAvg
+from pollinate.strategy.fedavg import EvaluateFn
 from pollinate.types import Arrays
 
 if TYPE_CHECKING:
@@ -81,11 +81,45 @@ def build_model_fn(cfg: RunConfig, data: FederatedDataset) -> Callable[[], Any]:
     )
 
 
+def strategy_parts(cfg: RunConfig) -> dict[str, Any]:
+    """[strategy]'s selection policy and update bounds, as ``FedAvg`` keywords."""
+    from pollinate.strategy.check import UpdateBounds
+    from pollinate.strategy.selection import make_policy
+
+    s = cfg.strategy
+    params: dict[str, Any] = {}
+    if s.selection == "poisson":
+        params["rate"] = s.fraction_train
+    elif s.selection == "power_of_choice" and s.candidates:
+        params["candidates"] = s.candidates
+    elif s.selection == "cooldown":
+        params["rounds"] = s.cooldown_rounds
+    bounds = UpdateBounds(
+        max_norm=s.max_norm or None,
+        norm_factor=s.norm_factor,
+        max_examples=s.max_examples or None,
+        examples_factor=s.examples_factor,
+        on_excess=s.on_excess,
+    )
+    return {"selection": make_policy(s.selection, **params), "bounds": bounds}
+
+
 def build_strategy(cfg: RunConfig, evaluate_fn: EvaluateFn | None) -> Strategy:
     """The config's strategy, evaluating centrally with ``evaluate_fn``, wrapped per [privacy]."""
+    from pollinate.config import strategy_params
+    from pollinate.privacy.plan import wrap_strategy
+    from pollinate.strategy.presets import make_strategy
+
     s = cfg.strategy
     central = cfg.privacy.mode == "central"  # then CentralDP samples the clients itself
-    fedavg = FedAvg(
+    params = strategy_params(s)
+    if s.name == "fednova":
+        params["local_momentum"] = cfg.train.momentum if cfg.train.optimizer == "sgd" else 0.0
+    if s.name == "qfedavg" and "lipschitz" not in params:
+        params["lipschitz"] = 1.0 / cfg.train.lr  # L = 1/η, as in the paper
+    strategy = make_strategy(
+        s.name,
+        params,
         fraction_train=1.0 if central else s.fraction_train,
         min_train_clients=s.min_train_clients,
         min_available_clients=0 if central else s.min_available_clients,
@@ -96,166 +130,49 @@ def build_strategy(cfg: RunConfig, evaluate_fn: EvaluateFn | None) -> Strategy:
         evaluate_config={"batch_size": max(256, cfg.train.batch_size)},
         evaluate_fn=evaluate_fn,
         seed=cfg.run.seed,
+        **strategy_parts(cfg),
     )
-    return wrap_strategy(cfg, fedavg)
+    return wrap_strategy(cfg, strategy)
 
 
-# -- privacy ----------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """A run config assembled: what ``pollinate run`` simulates and ``pollinate server``
+    serves (data → model → strategy → client wrappers → secure aggregation)."""
+
+    cfg: RunConfig
+    data: FederatedDataset
+    model_fn: Callable[[], Any]
+    strategy: Strategy
+    initial_arrays: Arrays
+    secure: SecureAggregation | None
+
+    def client_fn(self) -> ClientFn:
+        """The clients' ``client_fn`` for this config's data, wrapped per [privacy] and
+        [secure_aggregation]."""
+        from pollinate.frameworks.torch import classification_app
+        from pollinate.privacy.plan import wrap_client_fn
+
+        return wrap_client_fn(self.cfg, classification_app(self.model_fn, self.data))
+
+    def history(self, records: Sequence[dict[str, Any]] = ()) -> History:
+        """A history for this run (the completed rounds' ``records`` when resuming)."""
+        return History(config=self.cfg.to_dict(), rounds=list(records))
 
 
-def clients_per_round(cfg: RunConfig) -> float:
-    """Central DP's expected clients per round: q·N (Poisson) or FedAvg's sample size m."""
-    n, s = cfg.data.num_clients, cfg.strategy
-    if cfg.privacy.sampling == "poisson":
-        return s.fraction_train * n
-    return min(n, max(s.min_train_clients, math.ceil(round(s.fraction_train * n, 6))))
+def build_run(cfg: RunConfig, run_tag: str | None = None) -> Run:
+    """Assemble ``cfg`` into a ``Run``; the one place the config path turns into objects."""
+    from pollinate.frameworks.torch import initial_arrays, torch_evaluator
+    from pollinate.privacy.plan import build_secure
 
-
-def noise_multiplier(cfg: RunConfig) -> float:
-    """[privacy]'s noise multiplier, solved from ``target_epsilon`` over the run when set."""
-    from pollinate.privacy import find_noise_multiplier, local_noise_multiplier
-
-    p = cfg.privacy
-    if p.target_epsilon <= 0:
-        return p.noise_multiplier
-    if p.mode == "local":  # a client may take part in every round
-        return local_noise_multiplier(p.target_epsilon, p.delta, releases=cfg.run.rounds)
-    n, m = cfg.data.num_clients, clients_per_round(cfg)
-    z = find_noise_multiplier(
-        p.target_epsilon,
-        p.delta,
-        cfg.run.rounds,
-        sampling_probability=m / n if p.sampling == "poisson" else None,
-        sample=(int(m), n) if p.sampling == "fixed" else None,
-        accountant=p.accountant,
-    )
-    log.info(
-        "privacy: noise multiplier %.4g for ε = %g over %d rounds",
-        z,
-        p.target_epsilon,
-        cfg.run.rounds,
-    )
-    return z
-
-
-def wrap_strategy(cfg: RunConfig, strategy: Strategy) -> Strategy:
-    """``strategy`` wrapped per [privacy]: ``CentralDP``, ``LocalDPLedger``, or unchanged."""
-    from pollinate.privacy import AdaptiveClipping, CentralDP, LocalDPLedger, local_epsilon
-
-    p = cfg.privacy
-    if p.mode == "none":
-        return strategy
-    z = noise_multiplier(cfg)
-    max_epsilon = p.max_epsilon or None
-    seed = cfg.run.seed if cfg.run.deterministic else None  # reproducible noise is not secret
-    if p.mode == "local":
-        if max_epsilon is not None and local_epsilon(z, p.delta, cfg.run.rounds) > max_epsilon:
-            allowed = max(
-                r for r in range(cfg.run.rounds + 1) if local_epsilon(z, p.delta, r) <= max_epsilon
-            )
-            log.warning(
-                "privacy: max_epsilon = %g lets a client take part in %d of the %d rounds",
-                max_epsilon,
-                allowed,
-                cfg.run.rounds,
-            )
-        return LocalDPLedger(
-            strategy, noise_multiplier=z, clip=p.clip, delta=p.delta, max_epsilon=max_epsilon
-        )
-    expected = clients_per_round(cfg)
-    clip: float | AdaptiveClipping = (
-        AdaptiveClipping(p.target_quantile, p.clip_lr, initial_clip=p.clip)
-        if p.adaptive
-        else p.clip
-    )
-    wrapped = CentralDP(
-        strategy,
-        noise_multiplier=z,
-        clip=clip,
-        num_clients=cfg.data.num_clients,
-        clients_per_round=expected,
-        clip_on=p.clip_on,
-        delta=p.delta,
-        sampling=p.sampling,
-        accountant=p.accountant,
-        max_epsilon=max_epsilon,
-        min_available_clients=cfg.strategy.min_available_clients,
-        seed=seed,
-    )
-    if max_epsilon is not None:
-        allowed = wrapped.accountant.rounds_within(max_epsilon, cfg.run.rounds)
-        if allowed < cfg.run.rounds:
-            log.warning(
-                "privacy: max_epsilon = %g allows %d of the %d rounds",
-                max_epsilon,
-                allowed,
-                cfg.run.rounds,
-            )
-    _warn_small_rounds(cfg, expected)
-    return wrapped
-
-
-def _warn_small_rounds(cfg: RunConfig, expected: float) -> None:
-    """Warn when Poisson sampling often draws fewer clients than a round needs."""
-    n, k = cfg.data.num_clients, cfg.strategy.min_train_clients
-    if cfg.privacy.sampling != "poisson" or expected >= n or k <= 0:
-        return
-    q = expected / n
-    p_short = sum(math.comb(n, i) * q**i * (1 - q) ** (n - i) for i in range(min(k, n + 1)))
-    if p_short > 0.01:
-        log.warning(
-            "privacy: Poisson sampling (q = %.3g of %d clients) draws fewer than "
-            "min_train_clients = %d clients in %.1f%% of rounds, and such a round fails; "
-            "lower strategy.min_train_clients or use privacy.sampling = 'fixed'",
-            q,
-            n,
-            k,
-            100 * p_short,
-        )
-
-
-def wrap_client_fn(cfg: RunConfig, client_fn: ClientFn) -> ClientFn:
-    """``client_fn`` wrapped per [privacy] (clipping or local DP on the client) and, outermost,
-    per [secure_aggregation] (the update leaves the client masked)."""
-    p = cfg.privacy
-    if p.mode == "central" and p.clip_on == "client":
-        from pollinate.privacy import ClientClipping
-
-        client_fn = ClientClipping(client_fn)
-    elif p.mode == "local":
-        from pollinate.privacy import LocalDP
-
-        client_fn = LocalDP(
-            client_fn,
-            clip=p.clip,
-            noise_multiplier=noise_multiplier(cfg),
-            delta=p.delta,
-            seed=cfg.run.seed if cfg.run.deterministic else None,
-        )
-    if cfg.secure_aggregation.enabled:
-        from pollinate.privacy.secure import SecureClient
-
-        client_fn = SecureClient(client_fn)
-    return client_fn
-
-
-def build_secure(cfg: RunConfig, run_tag: str | None = None) -> SecureAggregation | None:
-    """[secure_aggregation]'s protocol for the round loop (None when it is off)."""
-    s = cfg.secure_aggregation
-    if not s.enabled:
-        return None
-    from pollinate.privacy.secagg import SecAggConfig
-    from pollinate.privacy.secure import SecureAggregation
-
-    config = SecAggConfig(
-        neighbours=s.neighbours,
-        threshold=s.threshold,
-        clip_range=s.clip_range,
-        quantization_bits=s.quantization_bits,
-        modulus_bits=s.modulus_bits,
-    )
-    seed = cfg.run.seed if cfg.run.deterministic else None
-    return SecureAggregation(config, max_weight=s.max_weight, run_tag=run_tag, seed=seed)
+    data = build_data(cfg)
+    model_fn = build_model_fn(cfg, data)
+    strategy = build_strategy(cfg, torch_evaluator(model_fn, *data.server_test()))
+    secure = build_secure(cfg, run_tag=run_tag)
+    if secure is not None:  # refuse a strategy that cannot take a sum now, not in round 1
+        strategy.secure_terms(1, 1, secure.max_weight)
+    arrays = initial_arrays(model_fn, cfg.run.seed)
+    return Run(cfg, data, model_fn, strategy, arrays, secure)
 
 
 class _LastModel(Callback):
@@ -270,26 +187,23 @@ class _LastModel(Callback):
 
 def run_experiment(cfg: RunConfig, quiet: bool = False) -> RunResult:
     """Run the experiment ``cfg`` describes; the run folder is ``cfg.output_dir``."""
-    from pollinate.frameworks.torch import classification_app, initial_arrays, torch_evaluator
     from pollinate.privacy.accounting import PrivacyBudgetExceeded
 
-    data = build_data(cfg)
-    model_fn = build_model_fn(cfg, data)
-    strategy = build_strategy(cfg, torch_evaluator(model_fn, *data.server_test()))
-    history = History(config=cfg.to_dict())
-    last = _LastModel(initial_arrays(model_fn, cfg.run.seed))
+    run = build_run(cfg)
+    history = run.history()
+    last = _LastModel(run.initial_arrays)
     callbacks = [
         ProgressDisplay(quiet=quiet),
-        RunFolderWriter(cfg.output_dir, history, label_counts=data.label_counts()),
+        RunFolderWriter(cfg.output_dir, history, label_counts=run.data.label_counts()),
         last,
     ]
     sim = cfg.simulation
     try:
         return simulate(
-            wrap_client_fn(cfg, classification_app(model_fn, data)),
-            num_clients=data.num_clients,
-            strategy=strategy,
-            initial_arrays=last.arrays,
+            run.client_fn(),
+            num_clients=run.data.num_clients,
+            strategy=run.strategy,
+            initial_arrays=run.initial_arrays,
             rounds=cfg.run.rounds,
             backend=sim.backend,
             workers=sim.workers,
@@ -297,10 +211,10 @@ def run_experiment(cfg: RunConfig, quiet: bool = False) -> RunResult:
             ray_address=sim.ray_address,
             seed=cfg.run.seed,
             deterministic=cfg.run.deterministic,
-            cost_fn=_ExampleCost(data),
+            cost_fn=_ExampleCost(run.data),
             callbacks=callbacks,
             history=history,
-            secure=build_secure(cfg),
+            secure=run.secure,
         )
     except PrivacyBudgetExceeded as exc:  # a clean stop: the completed rounds are saved
         log.warning("%s; the completed rounds are in %s", exc, cfg.output_dir)

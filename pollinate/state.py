@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from pollinate.callbacks import load_checkpoint, save_checkpoint
+from pollinate.callbacks import load_checkpoint, load_strategy_state, save_checkpoint
 from pollinate.errors import ConfigError, PollinateError
 from pollinate.report.files import to_json_safe
 from pollinate.types import Arrays
@@ -224,8 +224,15 @@ class ServerState:
             row = self._db().execute("SELECT MAX(round) FROM rounds").fetchone()
         return int(row[0]) if row[0] is not None else 0
 
-    def record_round(self, round_number: int, record: Mapping[str, Any], arrays: Arrays) -> None:
-        """Record a finished round: write its checkpoint atomically, then commit its row.
+    def record_round(
+        self,
+        round_number: int,
+        record: Mapping[str, Any],
+        arrays: Arrays,
+        strategy_state: dict[str, Any] | None = None,
+    ) -> None:
+        """Record a finished round: write its checkpoint (the global model and the strategy's
+        state after the round) atomically, then commit its row.
 
         Rounds are recorded once each, in order (``last_round() + 1``); anything else raises
         StateError. Old round checkpoints beyond ``keep_checkpoints`` are deleted afterwards.
@@ -243,7 +250,8 @@ class ServerState:
             relative = f"{CHECKPOINT_DIR}/round-{round_number}.npz"
             file = self.folder / relative
             try:
-                save_checkpoint(file, arrays, {"round": round_number, "run_id": self.run_id})
+                meta = {"round": round_number, "run_id": self.run_id}
+                save_checkpoint(file, arrays, meta, strategy_state)
             except OSError as exc:
                 raise StateError(f"cannot write checkpoint {file}: {exc}") from exc
             try:
@@ -290,6 +298,24 @@ class ServerState:
                 f"{meta.get('round')}, not run {self.run_id} round {last}; {fix}"
             )
         return int(last), arrays, records
+
+    def strategy_state(self, round_number: int) -> dict[str, Any]:
+        """The strategy's state saved with round ``round_number`` (empty if none)."""
+        with self._lock:
+            row = (
+                self._db()
+                .execute("SELECT checkpoint_path FROM rounds WHERE round = ?", (round_number,))
+                .fetchone()
+            )
+        if row is None or row[0] is None:
+            raise StateError(f"round {round_number} has no checkpoint in {self.path}")
+        file = self.folder / row[0]
+        try:
+            return load_strategy_state(file)
+        except _CHECKPOINT_ERRORS as exc:
+            raise StateError(
+                f"checkpoint {file} of round {round_number} cannot be read ({exc})"
+            ) from exc
 
     # --- clients and nonces ----------------------------------------------------------------
 

@@ -171,7 +171,10 @@ class SecureAggregation:
         survivors = [o for o in outcomes if isinstance(o.result, TrainRes)]
         size = sum(a.size for a in arrays if is_private(a))
         summed = dict(zip(terms.summed_metrics, (float(v) for v in total[size:])))
-        weight = sum(_weight(o.result.num_examples, terms.weight_cap) for o in survivors)  # type: ignore[union-attr]
+        weight = 0.0
+        for o in survivors:
+            assert isinstance(o.result, TrainRes)
+            weight += _weight(o.result.num_examples, terms.weight_cap)
         if weight <= 0:
             raise SecAggError("no surviving client had a positive weight: the round has no update")
         noise = terms.noise_stddev * math.sqrt(len(survivors))

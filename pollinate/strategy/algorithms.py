@@ -108,7 +108,7 @@ class LocalAlgorithm:
         return {}
 
 
-class FedProx(LocalAlgorithm):
+class ProximalTerm(LocalAlgorithm):
     """FedProx (Li et al. 2020, "Federated Optimization in Heterogeneous Networks",
     arXiv:1812.06127): each client minimises ``F_k(w) + μ/2 ‖w − w_global‖²``, which keeps
     local models near the global one when clients' data differ. The server side is FedAvg's.
@@ -130,7 +130,7 @@ class FedProx(LocalAlgorithm):
         return {"proximal_mu": self.proximal_mu}
 
 
-class Scaffold(LocalAlgorithm):
+class ControlVariates(LocalAlgorithm):
     """SCAFFOLD, option II (Karimireddy et al. 2020, arXiv:1910.06378).
 
     The server keeps a control variate ``c`` (zeros at first) and sends it with the model;
@@ -192,7 +192,7 @@ class Scaffold(LocalAlgorithm):
         self.control = [np.array(a) for a in control] if control is not None else None
 
 
-class FedNova(LocalAlgorithm):
+class NormalizedAveraging(LocalAlgorithm):
     """FedNova (Wang et al. 2020, "Tackling the Objective Inconsistency Problem in
     Heterogeneous Federated Optimization", arXiv:2007.07481): normalised averaging.
 
@@ -250,7 +250,7 @@ class FedNova(LocalAlgorithm):
         return {"momentum": self.momentum}
 
 
-class QFedAvg(LocalAlgorithm):
+class FairWeighting(LocalAlgorithm):
     """q-FedAvg (Li et al. 2020, "Fair Resource Allocation in Federated Learning",
     arXiv:1905.10497): clients with a higher loss get more weight, for fairer accuracy.
 

@@ -69,7 +69,7 @@ def check_outcome(outcome: Outcome, template: Arrays | None) -> Failure | None:
         return Failure(outcome.client_id, outcome.kind, outcome.error, kind)
     res = outcome.result
     expected = {"train": TrainRes, "evaluate": EvaluateRes, "query": QueryRes}[outcome.kind]
-    if not isinstance(res, expected):
+    if not isinstance(res, (TrainRes, EvaluateRes, QueryRes)) or not isinstance(res, expected):
         why = f"returned {type(res).__name__}, expected {expected.__name__}"
         return Failure(outcome.client_id, outcome.kind, why, "rejected")
     if not isinstance(res.metrics, dict):

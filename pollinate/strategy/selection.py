@@ -69,3 +69,11 @@ class Poisson(SelectionPolicy):
         k = int(rng.binomial(available, self.rate))
         picked = np.sort(rng.choice(available, size=k, replace=False))
         return [clients[int(i)] for i in picked]
+
+
+def make_policy(name: str, **params: Any) -> SelectionPolicy:
+    if name == "uniform":
+        return Uniform()
+    if name == "poisson":
+        return Poisson(**params)
+    raise ValueError(name)
