@@ -535,7 +535,11 @@ def make_aggregator(name: str, **params: Any) -> Aggregator:
     cls = AGGREGATORS.get(name)
     if cls is None:
         raise ConfigError(f"unknown aggregator {name!r}; choose one of: {', '.join(AGGREGATORS)}")
-    allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    allowed = [
+        p.name
+        for p in inspect.signature(cls).parameters.values()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         raise ConfigError(

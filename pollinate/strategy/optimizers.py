@@ -313,7 +313,11 @@ def make_optimizer(name: str, **params: Any) -> ServerOptimizer:
         raise ConfigError(
             f"unknown server optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}"
         )
-    allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    allowed = [
+        p.name
+        for p in inspect.signature(cls).parameters.values()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         raise ConfigError(
