@@ -191,12 +191,12 @@ def plain_client(pool: list[np.ndarray], repeats: int = 21) -> tuple[float, int]
 
 def plain_server(n: int, pool: list[np.ndarray], repeats: int = 3) -> float:
     """Median seconds for FedAvg's plain aggregation of n updates (WeightedMean, + result)."""
-    from pollinate.strategy.aggregate import WeightedMean
+    from pollinate.strategy.aggregators import WeightedMean
 
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        acc = WeightedMean([pool[0]])
+        acc = WeightedMean().start([pool[0]])
         for u in range(n):
             acc.add([pool[u % POOL]], 1.0)
         acc.result()

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pollinate.strategy.aggregate import MetricsMean, WeightedMean, check_update, weighted_mean
+from pollinate.strategy.aggregators import WeightedMean
+from pollinate.strategy.check import check_update
+from pollinate.strategy.metrics import MetricsMean
+
+
+def weighted_mean(updates, weights):
+    return WeightedMean().aggregate(updates, weights)
 
 
 def _updates(n: int, seed: int = 0) -> tuple[list[list[np.ndarray]], list[float]]:
@@ -28,7 +34,7 @@ def test_weighted_mean_equals_np_average() -> None:
 
 def test_running_mean_equals_batch_mean_and_counts() -> None:
     updates, weights = _updates(5, seed=3)
-    acc = WeightedMean(updates[0])
+    acc = WeightedMean().start(updates[0])
     for u, w in zip(updates, weights):
         acc.add(u, w)
     assert acc.count == 5
@@ -38,7 +44,7 @@ def test_running_mean_equals_batch_mean_and_counts() -> None:
 
 
 def test_zero_weight_updates_do_not_move_the_mean() -> None:
-    acc = WeightedMean([np.zeros(3)])
+    acc = WeightedMean().start([np.zeros(3)])
     acc.add([np.ones(3)], 2.0)
     acc.add([np.full(3, 1e6)], 0.0)
     np.testing.assert_array_equal(acc.result()[0], np.ones(3))
@@ -46,7 +52,7 @@ def test_zero_weight_updates_do_not_move_the_mean() -> None:
 
 def test_float32_accumulation_sums_in_float32() -> None:
     template = [np.zeros(4, dtype=np.float64)]
-    acc64, acc32 = WeightedMean(template), WeightedMean(template, dtype="float32")
+    acc64, acc32 = WeightedMean().start(template), WeightedMean(dtype="float32").start(template)
     big, small = [np.full(4, 1e8)], [np.full(4, 1.0)]
     for acc in (acc64, acc32):
         acc.add(big, 1.0)
@@ -59,7 +65,7 @@ def test_float32_accumulation_sums_in_float32() -> None:
 
 def test_float32_accumulation_is_close_to_float64() -> None:
     updates, weights = _updates(9, seed=5)
-    acc = WeightedMean(updates[0], dtype="float32")
+    acc = WeightedMean(dtype="float32").start(updates[0])
     for u, w in zip(updates, weights):
         acc.add(u, w)
     for a, b in zip(acc.result(), weighted_mean(updates, weights)):
@@ -68,7 +74,7 @@ def test_float32_accumulation_is_close_to_float64() -> None:
 
 def test_integer_arrays_are_rounded_not_truncated() -> None:
     template = [np.zeros(3, dtype=np.int64), np.zeros(2, dtype=np.uint8)]
-    acc = WeightedMean(template)
+    acc = WeightedMean().start(template)
     acc.add([np.array([1, 2, 10]), np.array([0, 255], dtype=np.uint8)], 1)
     acc.add([np.array([2, 3, 11]), np.array([1, 254], dtype=np.uint8)], 2)
     ints, bytes_ = acc.result()
@@ -79,7 +85,7 @@ def test_integer_arrays_are_rounded_not_truncated() -> None:
 
 def test_low_precision_updates_do_not_overflow_when_weighted() -> None:
     template = [np.zeros(2, dtype=np.float16), np.zeros(2, dtype=np.int8)]
-    acc = WeightedMean(template)
+    acc = WeightedMean().start(template)
     acc.add([np.array([100, -300], np.float16), np.array([100, -100], np.int8)], 5000)
     acc.add([np.array([200, -100], np.float16), np.array([120, -120], np.int8)], 5000)
     half, small = acc.result()
@@ -89,7 +95,7 @@ def test_low_precision_updates_do_not_overflow_when_weighted() -> None:
 
 def test_complex_and_bool_arrays() -> None:
     template = [np.zeros(2, dtype=np.complex64), np.zeros(2, dtype=bool)]
-    acc = WeightedMean(template)
+    acc = WeightedMean().start(template)
     acc.add([np.array([1 + 1j, 2], dtype=np.complex64), np.array([True, True])], 3)
     acc.add([np.array([1 - 1j, 0], dtype=np.complex64), np.array([False, True])], 1)
     c, b = acc.result()
@@ -99,7 +105,7 @@ def test_complex_and_bool_arrays() -> None:
 
 
 def test_weight_must_be_finite_and_non_negative() -> None:
-    acc = WeightedMean([np.zeros(2)])
+    acc = WeightedMean().start([np.zeros(2)])
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="weight"):
             acc.add([np.ones(2)], bad)

@@ -1,7 +1,13 @@
-"""Strategies (who takes part, how results combine), composed of parts passed in as values:
-selection policies, local algorithms, update bounds, aggregators and server optimizers."""
+"""Strategies: who takes part in a round and how results become the next model.
 
-from pollinate.strategy.aggregate import MetricsMean, WeightedMean, check_update, weighted_mean
+A strategy is composed of values (``FedAvg(selection=..., algorithm=..., bounds=...,
+aggregator=..., optimizer=...)``); the named algorithms are presets of those parts:
+``FedAvg``, ``FedAvgM``, ``FedProx``, ``FedAdam``, ``FedYogi``, ``FedAdagrad``,
+``Scaffold``, ``FedNova``, ``QFedAvg``, ``FedMedian``, ``FedTrimmedAvg``, ``Krum``,
+``MultiKrum``, ``Bulyan``. The parts live in ``pollinate.strategy.selection``,
+``.algorithms``, ``.check``, ``.aggregators`` and ``.optimizers``.
+"""
+
 from pollinate.strategy.base import (
     EvaluateSummary,
     Failure,
@@ -11,22 +17,53 @@ from pollinate.strategy.base import (
     StrategyWrapper,
     TrainSummary,
 )
-from pollinate.strategy.check import UpdateBounds, check_outcome
+from pollinate.strategy.check import UpdateBounds, check_outcome, check_update
 from pollinate.strategy.fedavg import FedAvg
+from pollinate.strategy.metrics import MetricsMean
+from pollinate.strategy.presets import (
+    PRESETS,
+    Bulyan,
+    FedAdagrad,
+    FedAdam,
+    FedAvgM,
+    FedMedian,
+    FedNova,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
+    QFedAvg,
+    Scaffold,
+    make_strategy,
+)
 
 __all__ = [
+    "PRESETS",
+    "Bulyan",
     "EvaluateSummary",
     "Failure",
+    "FedAdagrad",
+    "FedAdam",
     "FedAvg",
+    "FedAvgM",
+    "FedMedian",
+    "FedNova",
+    "FedProx",
+    "FedTrimmedAvg",
+    "FedYogi",
+    "Krum",
     "MetricsMean",
+    "MultiKrum",
+    "QFedAvg",
+    "Scaffold",
     "SecureSum",
     "SecureTerms",
     "Strategy",
     "StrategyWrapper",
     "TrainSummary",
     "UpdateBounds",
-    "WeightedMean",
     "check_outcome",
     "check_update",
-    "weighted_mean",
+    "make_strategy",
 ]

@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 
 from pollinate.errors import ConfigError, RoundFailedError
-from pollinate.strategy.aggregate import MetricsMean
 from pollinate.strategy.aggregators import Aggregator, WeightedMean
 from pollinate.strategy.algorithms import LocalAlgorithm, as_float64
 from pollinate.strategy.base import (
@@ -21,6 +20,7 @@ from pollinate.strategy.base import (
     TrainSummary,
 )
 from pollinate.strategy.check import UpdateBounds, check_outcome
+from pollinate.strategy.metrics import MetricsMean
 from pollinate.strategy.optimizers import Plain, ServerOptimizer
 from pollinate.strategy.selection import SelectionPolicy, Uniform
 from pollinate.types import (
