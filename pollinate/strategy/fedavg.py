@@ -242,7 +242,11 @@ class FedAvg(Strategy):
             acc.add(*weighed)  # 4. the aggregator, as results arrive
             accepted.append((outcome.client_id, int(res.num_examples), res.metrics))
         self._enough(round_number, len(accepted), acc.total_weight, failures)
-        delta = self.algorithm.finish(acc.result(), arrays)
+        try:
+            aggregate = acc.result()
+        except ConfigError as exc:  # e.g. Krum with fewer updates than it needs
+            raise RoundFailedError(f"round {round_number}: {exc}") from exc
+        delta = self.algorithm.finish(aggregate, arrays)
         return self.conclude(round_number, arrays, delta, accepted, failures)
 
     def _enough(

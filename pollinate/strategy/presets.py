@@ -39,15 +39,21 @@ from pollinate.strategy.base import Strategy
 from pollinate.strategy.fedavg import FedAvg
 
 
+def _with(kw: dict[str, Any], **parts: Any) -> FedAvg:
+    """``FedAvg`` with the preset's ``parts``; a part given in ``kw`` (not None) wins."""
+    given = {k: v for k, v in kw.items() if not (k in parts and v is None)}
+    return FedAvg(**{**parts, **given})
+
+
 def FedAvgM(*, server_lr: float = 1.0, server_momentum: float = 0.9, **kw: Any) -> FedAvg:
     """FedAvg with server momentum (Hsu, Qi & Brown 2019, arXiv:1909.06335):
     ``v ← βv + Δ``, ``w ← w + ηv``."""
-    return FedAvg(optimizer=opt.Momentum(server_lr=server_lr, momentum=server_momentum), **kw)
+    return _with(kw, optimizer=opt.Momentum(server_lr=server_lr, momentum=server_momentum))
 
 
 def FedProx(*, proximal_mu: float = 0.01, **kw: Any) -> FedAvg:
     """FedAvg whose clients add ``μ/2 ‖w − w_global‖²`` to their loss (Li et al. 2020)."""
-    return FedAvg(algorithm=ProximalTerm(proximal_mu), **kw)
+    return _with(kw, algorithm=ProximalTerm(proximal_mu))
 
 
 def FedAdam(
@@ -59,9 +65,7 @@ def FedAdam(
     **kw: Any,
 ) -> FedAvg:
     """FedAvg with an Adam server step (Reddi et al. 2021, arXiv:2003.00295, Algorithm 2)."""
-    return FedAvg(
-        optimizer=opt.Adam(server_lr=server_lr, beta_1=beta_1, beta_2=beta_2, tau=tau), **kw
-    )
+    return _with(kw, optimizer=opt.Adam(server_lr=server_lr, beta_1=beta_1, beta_2=beta_2, tau=tau))
 
 
 def FedYogi(
@@ -73,58 +77,73 @@ def FedYogi(
     **kw: Any,
 ) -> FedAvg:
     """FedAvg with a Yogi server step (Reddi et al. 2021, Algorithm 2)."""
-    return FedAvg(
-        optimizer=opt.Yogi(server_lr=server_lr, beta_1=beta_1, beta_2=beta_2, tau=tau), **kw
-    )
+    return _with(kw, optimizer=opt.Yogi(server_lr=server_lr, beta_1=beta_1, beta_2=beta_2, tau=tau))
 
 
 def FedAdagrad(
     *, server_lr: float = 0.1, beta_1: float = 0.0, tau: float = 1e-3, **kw: Any
 ) -> FedAvg:
     """FedAvg with an Adagrad server step (Reddi et al. 2021, Algorithm 2)."""
-    return FedAvg(optimizer=opt.Adagrad(server_lr=server_lr, beta_1=beta_1, tau=tau), **kw)
+    return _with(kw, optimizer=opt.Adagrad(server_lr=server_lr, beta_1=beta_1, tau=tau))
 
 
 def Scaffold(*, server_lr: float = 1.0, **kw: Any) -> FedAvg:
     """SCAFFOLD with control variates, option II (Karimireddy et al. 2020)."""
-    return FedAvg(algorithm=ControlVariates(), optimizer=opt.Plain(server_lr=server_lr), **kw)
+    return _with(kw, algorithm=ControlVariates(), optimizer=opt.Plain(server_lr=server_lr))
 
 
 def FedNova(*, local_momentum: float = 0.0, **kw: Any) -> FedAvg:
     """FedAvg with updates normalised by each client's local steps (Wang et al. 2020)."""
-    return FedAvg(algorithm=NormalizedAveraging(local_momentum), **kw)
+    return _with(kw, algorithm=NormalizedAveraging(local_momentum))
 
 
 def QFedAvg(*, q: float = 0.1, lipschitz: float = 20.0, **kw: Any) -> FedAvg:
     """q-FedAvg: higher-loss clients weigh more, for fairness (Li et al. 2020)."""
-    return FedAvg(algorithm=FairWeighting(q, lipschitz), **kw)
+    return _with(kw, algorithm=FairWeighting(q, lipschitz))
 
 
 def FedMedian(**kw: Any) -> FedAvg:
     """The coordinate-wise median of the clients' models (Yin et al. 2018)."""
-    return FedAvg(aggregator=agg.Median(), **kw)
+    return _with(kw, aggregator=agg.Median())
 
 
 def FedTrimmedAvg(*, trim_fraction: float = 0.1, **kw: Any) -> FedAvg:
     """The coordinate-wise trimmed mean, ``trim_fraction`` cut at each end (Yin et al. 2018)."""
-    return FedAvg(aggregator=agg.TrimmedMean(beta=trim_fraction), **kw)
+    return _with(kw, aggregator=agg.TrimmedMean(beta=trim_fraction))
+
+
+def _enough_for(name: str, num_malicious: int, needed: int, kw: dict[str, Any]) -> None:
+    """Refuse a round minimum that would let the aggregator see too few updates."""
+    minimum = kw.get("min_train_clients", 2)
+    if minimum < needed:
+        raise ConfigError(
+            f"strategy {name!r} with num_malicious = {num_malicious} needs at least {needed} "
+            f"accepted updates per round, but strategy.min_train_clients = {minimum}; raise "
+            f"min_train_clients to {needed} (and sample enough clients) or lower num_malicious"
+        )
 
 
 def Krum(*, num_malicious: int = 1, **kw: Any) -> FedAvg:
-    """The one client model closest to its neighbours (Blanchard et al. 2017)."""
-    return FedAvg(aggregator=agg.Krum(num_malicious=num_malicious), **kw)
+    """The one client model closest to its neighbours (Blanchard et al. 2017); needs
+    ``min_train_clients >= 2f + 3``."""
+    _enough_for("krum", num_malicious, 2 * num_malicious + 3, kw)
+    return _with(kw, aggregator=agg.Krum(num_malicious=num_malicious))
 
 
-def MultiKrum(*, num_malicious: int = 1, num_selected: int = 2, **kw: Any) -> FedAvg:
-    """The example-weighted mean of the ``num_selected`` best Krum scores (Blanchard et al.)."""
-    return FedAvg(
-        aggregator=agg.MultiKrum(num_malicious=num_malicious, num_selected=num_selected), **kw
+def MultiKrum(*, num_malicious: int = 1, num_selected: int | None = None, **kw: Any) -> FedAvg:
+    """The example-weighted mean of the ``num_selected`` best Krum scores (Blanchard et al.
+    2017; default ``n − f``); needs ``min_train_clients >= 2f + 3``."""
+    _enough_for("multikrum", num_malicious, 2 * num_malicious + 3, kw)
+    return _with(
+        kw, aggregator=agg.MultiKrum(num_malicious=num_malicious, num_selected=num_selected)
     )
 
 
 def Bulyan(*, num_malicious: int = 1, **kw: Any) -> FedAvg:
-    """Krum selection, then a trimmed mean around the median (El Mhamdi et al. 2018)."""
-    return FedAvg(aggregator=agg.Bulyan(num_malicious=num_malicious), **kw)
+    """Krum selection, then a trimmed mean around the median (El Mhamdi et al. 2018); needs
+    ``min_train_clients >= 4f + 3``."""
+    _enough_for("bulyan", num_malicious, 4 * num_malicious + 3, kw)
+    return _with(kw, aggregator=agg.Bulyan(num_malicious=num_malicious))
 
 
 #: config name → preset
