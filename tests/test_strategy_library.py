@@ -259,6 +259,15 @@ def test_per_client_weighting_is_refused_under_central_dp_and_secure_aggregation
         build(name).secure_terms(1, 5, 1000)
 
 
+@pytest.mark.parametrize("name", ["scaffold", "fednova", "qfedavg"])
+def test_per_client_reports_are_refused_under_local_dp(name: str) -> None:
+    from pollinate.privacy import LocalDPLedger
+
+    with pytest.raises(ConfigError, match=f"local DP.*{name}"):
+        LocalDPLedger(build(name), noise_multiplier=1.0, clip=1.0)
+    LocalDPLedger(build("fedprox"), noise_multiplier=1.0, clip=1.0)  # fine
+
+
 def test_sum_based_presets_take_a_secure_sum() -> None:
     for name in ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad"):
         assert build(name).secure_terms(1, 5, 1000).weight_cap == 1000

@@ -190,6 +190,14 @@ class LocalDPLedger(StrategyWrapper):
     ) -> None:
         if max_epsilon is not None and not max_epsilon > 0:
             raise ConfigError(f"max_epsilon must be > 0 (or None: no limit), got {max_epsilon}")
+        algorithm = getattr(strategy, "algorithm", None)
+        if algorithm is not None and not algorithm.sum_based:
+            raise ConfigError(
+                f"local DP noises each client's model update only, but {algorithm.name} also "
+                "needs what a client reports beside it (control variates, step counts or its "
+                "loss), which would leave the client unprotected or be dropped; use local DP "
+                "with FedAvg, FedProx or a server optimizer (FedAdam …)"
+            )
         super().__init__(strategy)
         self.noise_multiplier = float(noise_multiplier)
         self.clip = float(clip)
