@@ -207,9 +207,11 @@ class RunFolderWriter(Callback):
         history: History,
         label_counts: np.ndarray | None = None,
         plots: bool = True,
+        strategy: Any = None,
     ) -> None:
         self.output = Path(output)
         self.history = history
+        self.strategy = strategy  # its state() goes into checkpoints/last.npz, for resuming
         self.label_counts = label_counts
         self.plots = plots
         self._best: float | None = None
@@ -230,7 +232,8 @@ class RunFolderWriter(Callback):
         self._history_file.write(data)
         write_metrics_csv(self.output / "metrics.csv", data)
         meta = {"round": record["round"], "score": _score(record)}
-        save_checkpoint(self.output / "checkpoints" / "last.npz", arrays, meta)
+        state = self.strategy.state() if self.strategy is not None else None
+        save_checkpoint(self.output / "checkpoints" / "last.npz", arrays, meta, state)
         score = _score(record)
         if score is not None and (self._best is None or score > self._best):
             self._best = score

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,9 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run one federated experiment in simulation")
+    run = sub.add_parser(
+        "run",
+        help="run one federated experiment in simulation (an interrupted run of the same "
+        "config in the run folder is resumed)",
+    )
     _config_args(run)
     run.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    run.add_argument(
+        "--fresh",
+        action="store_true",
+        help="move an existing run folder aside (to <folder>.<timestamp>) and start again",
+    )
 
     analyze = sub.add_parser(
         "analyze", help="answer an analytics config's queries over simulated clients"
@@ -164,7 +174,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from pollinate.experiment import run_experiment
 
     cfg = config.load(args.config, args.overrides)
-    result = run_experiment(cfg, quiet=args.quiet)
+    result = run_experiment(cfg, quiet=args.quiet, fresh=args.fresh)
     out = cfg.output_dir
     if not args.quiet:
         last = result.history.last
@@ -406,6 +416,10 @@ COMMANDS = {
 }
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pollinate`` command."""
     args = build_parser().parse_args(argv)
@@ -415,6 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.ERROR if quiet else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    signal.signal(signal.SIGTERM, _interrupt)  # like Ctrl-C: completed rounds, plots, report
     try:
         return COMMANDS[args.command](args)
     except ConfigError as exc:

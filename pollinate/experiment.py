@@ -185,16 +185,42 @@ class _LastModel(Callback):
         self.arrays = arrays
 
 
-def run_experiment(cfg: RunConfig, quiet: bool = False) -> RunResult:
-    """Run the experiment ``cfg`` describes; the run folder is ``cfg.output_dir``."""
-    from pollinate.privacy.accounting import PrivacyBudgetExceeded
+def run_experiment(cfg: RunConfig, quiet: bool = False, fresh: bool = False) -> RunResult:
+    """Run the experiment ``cfg`` describes; the run folder is ``cfg.output_dir``.
 
+    A run folder holding an interrupted run of the same config is resumed after its last
+    completed round; one holding a run of another config is refused (``ConfigError`` naming
+    the differences); ``fresh`` moves an old run folder aside first.
+    """
+    from pollinate.privacy.accounting import PrivacyBudgetExceeded
+    from pollinate.resume import CLIENT_STATE, FileStateStore, move_aside, resume_point
+
+    folder = cfg.output_dir
+    if fresh and (moved := move_aside(folder)) is not None:
+        log.info("moved the old run folder aside to %s", moved)
+    prior = resume_point(folder, cfg.to_dict())
     run = build_run(cfg)
-    history = run.history()
-    last = _LastModel(run.initial_arrays)
+    history = run.history(prior.records if prior else ())
+    arrays = run.initial_arrays
+    if prior is not None:
+        arrays = prior.arrays
+        run.strategy.restore(history.rounds)
+        run.strategy.load_state(prior.strategy_state)
+        if prior.last >= cfg.run.rounds:
+            log.warning("%s: the run already finished all %d rounds", folder, prior.last)
+            RunFolderWriter(folder, history, label_counts=run.data.label_counts()).on_run_end(
+                history, None
+            )
+            return RunResult(history, arrays)
+        log.warning("%s: resuming after round %d of %d", folder, prior.last, cfg.run.rounds)
+    store = FileStateStore(folder / CLIENT_STATE, upto=prior.last if prior else 0)
+    last = _LastModel(arrays)
     callbacks = [
+        store,  # before the checkpoint: see pollinate.resume
         ProgressDisplay(quiet=quiet),
-        RunFolderWriter(cfg.output_dir, history, label_counts=run.data.label_counts()),
+        RunFolderWriter(
+            folder, history, label_counts=run.data.label_counts(), strategy=run.strategy
+        ),
         last,
     ]
     sim = cfg.simulation
@@ -203,8 +229,9 @@ def run_experiment(cfg: RunConfig, quiet: bool = False) -> RunResult:
             run.client_fn(),
             num_clients=run.data.num_clients,
             strategy=run.strategy,
-            initial_arrays=run.initial_arrays,
+            initial_arrays=arrays,
             rounds=cfg.run.rounds,
+            start_round=prior.last + 1 if prior else 1,
             backend=sim.backend,
             workers=sim.workers,
             threads_per_worker=sim.threads_per_worker,
@@ -212,6 +239,7 @@ def run_experiment(cfg: RunConfig, quiet: bool = False) -> RunResult:
             seed=cfg.run.seed,
             deterministic=cfg.run.deterministic,
             cost_fn=_ExampleCost(run.data),
+            state_store=store,
             callbacks=callbacks,
             history=history,
             secure=run.secure,

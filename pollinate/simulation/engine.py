@@ -120,8 +120,11 @@ def simulate(
     callbacks: Sequence[Callback] = (),
     history: History | None = None,
     secure: SecureAggregator | None = None,
+    start_round: int = 1,
 ) -> RunResult:
-    """Run ``rounds`` rounds of federated learning over ``num_clients`` virtual clients.
+    """Run rounds ``start_round..rounds`` of federated learning over ``num_clients`` virtual
+    clients (``start_round > 1``: resuming, with ``initial_arrays`` the model after round
+    ``start_round − 1``).
 
     ``client_fn(context)`` builds the client for one task (see ``pollinate.client``); for the
     ``process`` and ``ray`` backends it must be picklable (a module-level function or an
@@ -133,6 +136,8 @@ def simulate(
         raise ConfigError(f"num_clients must be >= 1, got {num_clients}")
     if rounds < 1:
         raise ConfigError(f"rounds must be >= 1, got {rounds}")
+    if not 1 <= start_round <= rounds:
+        raise ConfigError(f"start_round must be in 1..rounds={rounds}, got {start_round}")
     engine = (
         make_backend(backend, workers, threads_per_worker, ray_address)
         if isinstance(backend, str)
@@ -151,6 +156,7 @@ def simulate(
             rounds,
             callbacks=callbacks,
             history=history,
+            start_round=start_round,
             secure=secure,
         )
     finally:
