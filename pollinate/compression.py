@@ -362,8 +362,6 @@ def decode_update(res_arrays: Arrays, global_arrays: Arrays, codec: Codec) -> Ar
     """The server half: the model ``w + Δ̂`` in ``global_arrays``' dtypes from a client's
     payload (the non-float arrays as the client sent them). ``UpdateRejected`` for a payload
     that ``codec`` did not make for this model; the update check still follows."""
-    if codec.name == "none":
-        return list(res_arrays)
     floats = [g for g in global_arrays if is_encoded(g)]
     n_raw = len(global_arrays) - len(floats)
     n_payload = len(res_arrays) - n_raw
@@ -557,5 +555,8 @@ class Compression:
         return encode_model(arrays, self.downlink)
 
     def decode_update(self, res_arrays: Arrays, global_arrays: Arrays) -> Arrays:
-        """A client's model ``w + Δ̂`` from its payload (unchanged when uplink is none)."""
+        """A client's model ``w + Δ̂`` from its payload; with ``uplink = "none"`` the client
+        (``CompressingClient``) sent its model itself, returned unchanged."""
+        if self.uplink == "none":
+            return list(res_arrays)
         return decode_update(res_arrays, global_arrays, self.codec())
