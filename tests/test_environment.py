@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import tracemalloc
 from pathlib import Path
@@ -17,7 +18,7 @@ from pollinate.config import from_dict
 from pollinate.errors import ConfigError
 from pollinate.server import run
 from pollinate.simulation.backends.sequential import SequentialBackend
-from pollinate.simulation.clock import VirtualClockExecutor, failure_kind
+from pollinate.simulation.clock import ClockRecorder, VirtualClockExecutor, failure_kind
 from pollinate.simulation.engine import SimulationExecutor
 from pollinate.simulation.environment import Environment, tier_counts, uniforms
 from pollinate.strategy.fedavg import FedAvg
@@ -422,3 +423,39 @@ def test_a_client_error_passes_through_with_its_timing() -> None:
     assert timing["status"] == "error" and timing["made_deadline"]
     assert timing["duration_s"] >= 1.0 and timing["bytes_up"] == 0
     assert isinstance(outcomes[0], Outcome) and outcomes[0].ok
+
+
+def _conditions_run(seed: int) -> dict[str, Any]:
+    tiers = [
+        {"share": 0.5, "seconds_per_example": 0.5, "uplink_mbps": 0.01, "online": 0.7},
+        {"share": 0.5, "seconds_per_example": 2.0, "loss": 0.2, "corrupt": 0.1},
+    ]
+    env = Environment.from_tiers(tiers, 12, seed=seed)
+    clock = _clock(env, 20.0)
+    strategy = FedAvg(min_train_clients=1, min_available_clients=1, min_evaluate_clients=1)
+    result = run(strategy, clock, range(12), initial(), 3, callbacks=[ClockRecorder(clock)])
+    history = json.loads(json.dumps(result.history.to_dict()))  # the record is JSON as is
+    for record in history["rounds"]:
+        del record["wall_s"], record["train"]["metrics"]["worker_pid"]
+        for client in record["clients"].values():
+            client.get("train", {}).pop("worker_pid", None)
+    return history
+
+
+def test_the_same_seed_replays_the_same_conditions_in_the_history() -> None:
+    first, again, other = _conditions_run(1), _conditions_run(1), _conditions_run(2)
+    assert first == again
+    assert first != other
+    records = first["rounds"]
+    assert [r["environment"]["clock_s"] for r in records] == sorted(
+        r["environment"]["clock_s"] for r in records
+    )
+    for record in records:
+        env = record["environment"]
+        statuses = [c["train"]["status"] for c in env["clients"].values() if "train" in c]
+        assert len(statuses) == 12
+        assert record["train"]["clients"] == statuses.count("ok")
+        assert record["train"]["failures"] == 12 - statuses.count("ok")
+    fates = {c["train"]["status"] for r in records for c in r["environment"]["clients"].values()}
+    # clients 9..11 of the 2 s tier need over 20 s: some of them miss the deadline
+    assert fates == {"ok", "offline", "lost", "corrupted", "timeout"}

@@ -42,6 +42,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from pollinate.serde import payload_size
+from pollinate.server import Callback
 from pollinate.simulation.environment import ClientProfile, Environment
 from pollinate.types import (
     Arrays,
@@ -333,3 +334,17 @@ class VirtualClockExecutor:
             **out,
             "clients": clients,
         }
+
+
+class ClockRecorder(Callback):
+    """Adds each round's virtual-clock statistics to its history record, under
+    ``"environment"`` (put it first among the callbacks, so that those writing the history
+    see it)."""
+
+    def __init__(self, clock: VirtualClockExecutor) -> None:
+        self.clock = clock
+
+    def on_round_end(self, record: dict[str, Any], arrays: Arrays) -> None:
+        stats = self.clock.round_stats(int(record["round"]))
+        if stats:
+            record["environment"] = stats
