@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -203,43 +203,64 @@ class QSGD(Codec):
     def _buckets(self, size: int) -> int:
         return -(-size // self.bucket_size)
 
+    def _chunks(self, size: int) -> Iterator[tuple[int, int]]:
+        """(start, stop) of the pieces an array is quantized in: whole buckets and whole
+        bytes of packed bits, about 2^18 coordinates each, so the float64 temporaries stay
+        a few MB whatever the model's size."""
+        unit = self.bucket_size * 8 // math.gcd(self.bucket_size, 8)
+        step = unit * max(1, (1 << 18) // unit)
+        for start in range(0, size, step):
+            yield start, min(size, start + step)
+
     def encode(self, delta: Arrays, rng: np.random.Generator, state: dict[str, Any]) -> Arrays:
         payload: Arrays = []
+        b = self.bucket_size
         for d in delta:
             v = np.asarray(d, dtype=np.float64).reshape(-1)
-            nb, b = self._buckets(v.size), self.bucket_size
-            padded = np.zeros(nb * b) if v.size % b else v
-            if padded is not v:
-                padded[: v.size] = v
-            norms = np.sqrt(np.einsum("ij,ij->i", padded.reshape(nb, b), padded.reshape(nb, b)))
-            with np.errstate(over="ignore"):
-                n32 = norms.astype(np.float32)
-            low = n32.astype(np.float64) < norms
-            n32[low] = np.nextafter(n32[low], np.float32(np.inf))  # round up: r_i <= s
-            scale = np.repeat(n32.astype(np.float64), b)[: v.size]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                r = np.where(scale > 0, np.abs(v) / scale * self.levels, 0.0)
-            np.minimum(r, self.levels, out=r)
-            floor = np.floor(r)
-            level = floor + (rng.random(v.size) < (r - floor))
-            payload += [n32, np.packbits(v < 0), pack_bits(level.astype(np.uint16), self.bits)]
+            norms = np.empty(self._buckets(v.size), dtype=np.float32)
+            packed = []
+            for start, stop in self._chunks(v.size):
+                part = v[start:stop]
+                nb = self._buckets(part.size)
+                padded = np.zeros(nb * b)
+                padded[: part.size] = part
+                exact = np.sqrt(np.einsum("ij,ij->i", padded.reshape(nb, b), padded.reshape(nb, b)))
+                with np.errstate(over="ignore"):
+                    n32 = exact.astype(np.float32)
+                low = n32.astype(np.float64) < exact
+                n32[low] = np.nextafter(n32[low], np.float32(np.inf))  # round up: r_i <= s
+                norms[start // b : start // b + nb] = n32
+                scale = np.repeat(n32.astype(np.float64), b)[: part.size]
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    r = np.where(scale > 0, np.abs(part) / scale * self.levels, 0.0)
+                np.minimum(r, self.levels, out=r)
+                floor = np.floor(r)
+                level = floor + (rng.random(part.size) < (r - floor))
+                packed.append(pack_bits(level.astype(np.uint16), self.bits))
+            levels = np.concatenate(packed) if packed else np.zeros(0, np.uint8)
+            payload += [norms, np.packbits(v < 0), levels]
         return payload
 
     def decode(self, payload: Arrays, template: Arrays) -> Arrays:
         _check(payload, 3 * len(template), self.name)
         out: Arrays = []
+        b, bits = self.bucket_size, self.bits
         for i, t in enumerate(template):
             norms, signs, packed = payload[3 * i : 3 * i + 3]
             size = int(t.size)
             _expect(norms, np.float32, (self._buckets(size),), f"array {i}'s norms")
             _expect(signs, np.uint8, (-(-size // 8),), f"array {i}'s signs")
-            _expect(packed, np.uint8, (-(-size * self.bits // 8),), f"array {i}'s levels")
+            _expect(packed, np.uint8, (-(-size * bits // 8),), f"array {i}'s levels")
             if not (np.isfinite(norms).all() and (norms >= 0).all()):
                 raise UpdateRejected(f"array {i}'s norms are negative or not finite")
-            level = unpack_bits(packed, size, self.bits).astype(np.float64)
-            sign = 1.0 - 2.0 * np.unpackbits(signs, count=size).astype(np.float64)
-            scale = np.repeat(norms.astype(np.float64), self.bucket_size)[:size]
-            out.append((scale * sign * level / self.levels).reshape(t.shape))
+            flat = np.empty(size)
+            for start, stop in self._chunks(size):
+                n = stop - start
+                level = unpack_bits(packed[start * bits // 8 :], n, bits).astype(np.float64)
+                sign = 1.0 - 2.0 * np.unpackbits(signs[start // 8 :], count=n)
+                scale = np.repeat(norms[start // b : -(-stop // b)].astype(np.float64), b)[:n]
+                flat[start:stop] = scale * sign * level / self.levels
+            out.append(flat.reshape(t.shape))
         return out
 
 

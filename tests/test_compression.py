@@ -89,6 +89,25 @@ def test_qsgd_error_bound_and_payload_size(bits: int) -> None:
     assert sizes[3:6] == [4, 3, math.ceil(17 * bits / 8)]
 
 
+@pytest.mark.parametrize("bits", [3, 8])
+def test_qsgd_in_pieces_is_qsgd_on_the_whole(bits: int) -> None:
+    # 600,001 coordinates are quantized in three pieces of 262,000 (whole buckets of 100, whole
+    # bytes of bits): the payload must read as one quantization of the whole array
+    v = _rng(6).normal(size=600_001)
+    codec = QSGD(bits=bits, bucket_size=100)
+    norms, signs, packed = codec.encode([v], _rng(), {})
+    exact = [np.linalg.norm(v[i : i + 100]) for i in range(0, v.size, 100)]
+    assert norms.size == 6001 and (norms >= np.array(exact)).all()
+    np.testing.assert_allclose(norms, exact, rtol=2.0**-22)  # rounded up to float32
+    level = unpack_bits(packed, v.size, bits).astype(np.float64)
+    sign = 1.0 - 2.0 * np.unpackbits(signs, count=v.size)
+    whole = np.repeat(norms.astype(np.float64), 100)[: v.size] * sign * level / (2**bits - 1)
+    (decoded,) = codec.decode([norms, signs, packed], [v])
+    np.testing.assert_array_equal(decoded, whole)
+    step = np.repeat(norms.astype(np.float64), 100)[: v.size] / (2**bits - 1)
+    assert (np.abs(decoded - v) <= step).all()
+
+
 @pytest.mark.parametrize("bits", range(1, 17))
 def test_bit_packing_round_trips(bits: int) -> None:
     levels = _rng(bits).integers(0, 2**bits, size=37).astype(np.uint16)
