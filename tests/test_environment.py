@@ -259,6 +259,7 @@ def test_the_deadline_drops_exactly_the_clients_whose_simulated_duration_passes_
     stats = clock.round_stats(1)
     durations = {int(c): s["train"]["duration_s"] for c, s in stats["clients"].items()}
     assert durations == pytest.approx({0: 3.6, 1: 6.0, 2: 6.5, 3: 10.0, 4: 10.0, 5: 6.7})
+    assert {s["train"]["tier"] for s in stats["clients"].values()} == {"trace"}
     made = {int(c): s["train"]["made_deadline"] for c, s in stats["clients"].items()}
     assert made == {0: True, 1: True, 2: True, 3: False, 4: False, 5: False}
     assert stats["simulated_time_s"] == 6.5  # someone missed it: the whole deadline
@@ -453,9 +454,11 @@ def test_the_same_seed_replays_the_same_conditions_in_the_history() -> None:
     for record in records:
         env = record["environment"]
         statuses = [c["train"]["status"] for c in env["clients"].values() if "train" in c]
+        tiers = {c["train"]["tier"] for c in env["clients"].values() if "train" in c}
+        assert tiers == {"tier0", "tier1"}
         assert len(statuses) == 12
         assert record["train"]["clients"] == statuses.count("ok")
         assert record["train"]["failures"] == 12 - statuses.count("ok")
     fates = {c["train"]["status"] for r in records for c in r["environment"]["clients"].values()}
-    # clients 9..11 of the 2 s tier need over 20 s: some of them miss the deadline
+    # the 2 s tier's clients with over 10 examples need over 20 s: they miss the deadline
     assert fates == {"ok", "offline", "lost", "corrupted", "timeout"}

@@ -85,9 +85,11 @@ class TaskTiming:
     made_deadline: bool
     bytes_down: int = 0
     bytes_up: int = 0
+    tier: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "tier": self.tier,
             "status": self.status,
             "duration_s": None if self.duration_s is None else round(self.duration_s, 6),
             "made_deadline": self.made_deadline,
@@ -192,22 +194,22 @@ class VirtualClockExecutor:
         before: dict[ClientId, float] = {}  # latency + download, of those that run
         refused: list[Outcome] = []
         for i, (cid, ins) in enumerate(plan):
+            p = profiles[cid]
             if not online[i]:
-                phase.timings[cid] = TaskTiming("offline", None, False)
+                phase.timings[cid] = TaskTiming("offline", None, False, tier=p.tier)
                 refused.append(Outcome(cid, kind, error=f"offline: client {cid} is unreachable"))
                 continue
-            p = profiles[cid]
             if id(ins.arrays) not in sizes:
                 sizes[id(ins.arrays)] = payload_size(ins.arrays)
             down = sizes[id(ins.arrays)]
             t_down = p.latency_ms / 1000 + p.download_s(down)
             if errors["lost_down"][i]:
-                phase.timings[cid] = TaskTiming("lost", None, False, down)
+                phase.timings[cid] = TaskTiming("lost", None, False, down, tier=p.tier)
                 phase.waited = True
                 phase.lost_ends.append(t_down)
                 refused.append(Outcome(cid, kind, error="lost: the model download was lost"))
             elif t_down > deadline:
-                phase.timings[cid] = TaskTiming("timeout", t_down, False, down)
+                phase.timings[cid] = TaskTiming("timeout", t_down, False, down, tier=p.tier)
                 phase.waited = True
                 why = (
                     f"timeout: simulated duration of at least {_fmt(t_down)} s (latency and "
@@ -215,11 +217,11 @@ class VirtualClockExecutor:
                 )
                 refused.append(Outcome(cid, kind, error=why))
             elif errors["corrupt_down"][i]:
-                phase.timings[cid] = TaskTiming("corrupted", t_down, True, down)
+                phase.timings[cid] = TaskTiming("corrupted", t_down, True, down, tier=p.tier)
                 why = "corrupted: the model download failed its checksum; the client did not run"
                 refused.append(Outcome(cid, kind, error=why))
             else:
-                phase.timings[cid] = TaskTiming("ok", None, False, down)
+                phase.timings[cid] = TaskTiming("ok", None, False, down, tier=p.tier)
                 before[cid] = t_down
                 run.append((cid, ins))
         yield from sorted(refused, key=lambda o: o.client_id)
@@ -289,8 +291,8 @@ class VirtualClockExecutor:
              "bytes_down": n, "bytes_up": n, "deadline_s": s,
              "train": {"simulated_time_s", "bytes_down", "bytes_up", "offline", "lost",
                        "corrupted", "timeouts"},          (and "evaluate" / "query")
-             "clients": {"<id>": {"train": {"status", "duration_s", "made_deadline",
-                                            "bytes_down", "bytes_up"}, …}}}
+             "clients": {"<id>": {"train": {"tier", "status", "duration_s",
+                                            "made_deadline", "bytes_down", "bytes_up"}, …}}}
         """
         phases = self._rounds.get(round_number)
         if not phases:
