@@ -281,7 +281,7 @@ class VirtualClockExecutor:
     def profiles(self, client_ids: np.ndarray) -> list[ClientProfile]:
         """The profiles of ``client_ids`` (one object per sampled client, never per client
         of the population)."""
-        return [self.environment.profile(int(cid)) for cid in client_ids]
+        return self.environment.profiles(client_ids)
 
     def round_stats(self, round_number: int) -> dict[str, Any]:
         """Round ``round_number`` on the virtual clock (``{}`` if it is not one of the last

@@ -343,12 +343,26 @@ class Environment:
 
     def profile(self, client_id: ClientId) -> ClientProfile:
         """Client ``client_id``'s profile."""
-        ids = np.array([client_id])
-        row = int(self._rows(ids)[0])
-        values = {key: float(self.table[key][row]) for key in FIELDS}
-        tier = self.names[row] if self.row_of is not None else "trace"
-        phase = float(self.phase_s(ids)[0]) if values["on_s"] > 0 else 0.0
-        return ClientProfile(int(client_id), tier, phase_s=phase, **values)
+        return self.profiles([client_id])[0]
+
+    def profiles(self, client_ids: Sequence[int] | np.ndarray) -> list[ClientProfile]:
+        """The profiles of many clients, read column by column (one object per client
+        asked for, never per client of the population)."""
+        ids = np.asarray(client_ids, dtype=np.int64).reshape(-1)
+        rows = self._rows(ids)
+        columns = {key: self.table[key][rows].tolist() for key in FIELDS}
+        cycled = np.asarray(columns["on_s"]) > 0
+        phases = np.where(cycled, self.phase_s(ids), 0.0).tolist() if self.cycled else None
+        tiers = [self.names[r] for r in rows.tolist()] if self.row_of is not None else None
+        return [
+            ClientProfile(
+                int(cid),
+                tiers[j] if tiers is not None else "trace",
+                phase_s=phases[j] if phases is not None else 0.0,
+                **{key: columns[key][j] for key in FIELDS},
+            )
+            for j, cid in enumerate(ids.tolist())
+        ]
 
     def tier_of(self, client_id: ClientId) -> str:
         """The name of the client's tier ("trace" for a trace)."""
