@@ -384,6 +384,20 @@ def test_rounds_on_the_clock_add_up_and_bytes_are_serde_sizes() -> None:
     assert clock.round_stats(7) == {}
 
 
+@pytest.mark.parametrize(
+    "arrays",
+    [
+        [],
+        [np.zeros(0, np.float32)],
+        [np.zeros((3, 0, 2)), np.ones(1, np.uint8)],
+        [np.arange(n, dtype=np.float16) for n in range(40)],
+        [np.zeros((7, 9), np.complex64), np.array(True), np.arange(100, dtype=">i8")],
+    ],
+)
+def test_payload_size_is_the_serialized_length(arrays: list[np.ndarray]) -> None:
+    assert serde.payload_size(arrays) == len(serde.dumps(arrays))
+
+
 def test_compressed_uploads_are_measured_as_sent() -> None:
     env = Environment.from_tiers([{"share": 1.0, "uplink_mbps": 1.0}], 3)
     client_fn = CompressingClient(MeanClientFn(), "topk", topk_fraction=0.01)
