@@ -148,6 +148,26 @@ class SecureAggregationSection:
 
 
 @dataclass
+class EnvironmentSection:
+    """[environment]: device and network profiles on a virtual clock (none: neither set)."""
+
+    seed: int = 0
+    tiers: list[dict[str, Any]] = field(default_factory=list)  # tables of share, speed, …
+    trace: str = ""  # or a CSV file with one row per client
+    deadline_s: float = 0.0  # the simulated round deadline; 0: strategy.round_timeout_s
+
+
+@dataclass
+class CompressionSection:
+    """[compression]: how updates (uplink) and the global model (downlink) are encoded."""
+
+    uplink: str = "none"  # none | fp16 | bf16 | qsgd | topk
+    downlink: str = "none"  # none | fp16 | bf16
+    bits: int = 8  # qsgd: levels s = 2^bits - 1
+    topk_fraction: float = 0.01  # topk: the fraction of coordinates sent
+
+
+@dataclass
 class RunConfig:
     """A whole run config."""
 
@@ -159,6 +179,8 @@ class RunConfig:
     simulation: SimulationSection = field(default_factory=SimulationSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
     secure_aggregation: SecureAggregationSection = field(default_factory=SecureAggregationSection)
+    environment: EnvironmentSection = field(default_factory=EnvironmentSection)
+    compression: CompressionSection = field(default_factory=CompressionSection)
 
     @property
     def output_dir(self) -> Path:
@@ -178,6 +200,8 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("privacy", "clip_on"): ("server", "client"),
     ("privacy", "sampling"): ("poisson", "fixed"),
     ("privacy", "accountant"): ("pld", "rdp"),
+    ("compression", "uplink"): ("none", "fp16", "bf16", "qsgd", "topk"),
+    ("compression", "downlink"): ("none", "fp16", "bf16"),
 }
 POSITIVE = {
     ("run", "rounds"),
@@ -198,6 +222,8 @@ POSITIVE = {
     ("secure_aggregation", "clip_range"),
     ("secure_aggregation", "quantization_bits"),
     ("secure_aggregation", "modulus_bits"),
+    ("compression", "bits"),
+    ("compression", "topk_fraction"),
 }
 NON_NEGATIVE = {
     ("data", "min_size"),
@@ -216,12 +242,14 @@ NON_NEGATIVE = {
     ("privacy", "target_epsilon"),
     ("privacy", "max_epsilon"),
     ("secure_aggregation", "max_weight"),
+    ("environment", "deadline_s"),
 }
 FRACTIONS = {
     ("data", "client_test_fraction"),
     ("strategy", "fraction_train"),
     ("strategy", "fraction_evaluate"),
     ("privacy", "target_quantile"),
+    ("compression", "topk_fraction"),
 }
 
 
@@ -267,6 +295,14 @@ def _coerce(section: str, key: str, value: Any, hint: Any) -> Any:
         ):
             raise ConfigError(f"{where} must be a list of positive integers, got {value!r}")
         return list(value)
+    if hint == list[dict[str, Any]]:  # an array of inline tables of scalars
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise ConfigError(f"{where} must be a list of tables {{key = value, …}}, got {value!r}")
+        for i, table in enumerate(value):
+            for k, v in table.items():
+                if not isinstance(v, (bool, int, float, str)):
+                    raise ConfigError(f"{where}[{i}].{k} must be a number or string, got {v!r}")
+        return [dict(v) for v in value]
     raise ConfigError(f"{where}: unsupported type {hint}")  # pragma: no cover
 
 
@@ -308,6 +344,32 @@ def _check(cfg: RunConfig) -> None:
     _check_strategy(cfg)
     _check_privacy(cfg.privacy)
     _check_secure(cfg)
+    _check_conditions(cfg)
+
+
+def _check_conditions(cfg: RunConfig) -> None:
+    """[environment] tiers (each key named when wrong) and [compression] combinations."""
+    env = cfg.environment
+    if env.tiers and env.trace:
+        raise ConfigError("[environment] sets both tiers and trace: choose one")
+    if env.tiers:
+        from pollinate.simulation.environment import parse_tiers
+
+        parse_tiers(env.tiers)
+    c = cfg.compression
+    if c.bits > 16:
+        raise ConfigError(f"compression.bits must be between 1 and 16, got {c.bits}")
+    if c.uplink != "none" and cfg.secure_aggregation.enabled:
+        raise ConfigError(
+            f"compression.uplink = {c.uplink!r} with secure_aggregation: SecAgg+ quantizes "
+            "and masks the update itself; set compression.uplink = 'none'"
+        )
+    if c.uplink != "none" and cfg.privacy.mode == "central" and cfg.privacy.clip_on == "client":
+        raise ConfigError(
+            f"compression.uplink = {c.uplink!r} with client-side clipping: the decoded update "
+            "may exceed the clip and be rejected; use privacy.clip_on = 'server' or no "
+            "compression"
+        )
 
 
 def strategy_params(s: StrategySection) -> dict[str, Any]:

@@ -89,6 +89,13 @@ def dumps(arrays: Sequence[np.ndarray]) -> memoryview:
     return memoryview(out)  # type: ignore[arg-type]
 
 
+def payload_size(arrays: Sequence[np.ndarray]) -> int:
+    """The length in bytes of ``dumps(arrays)``, computed from the header alone (no copy)."""
+    head, offsets = _header(arrays)
+    total = (offsets[-1] + arrays[-1].nbytes) if arrays else len(head)
+    return _aligned(total)
+
+
 def loads(
     data: bytes | bytearray | memoryview, *, max_bytes: int | None = None, copy: bool = False
 ) -> Arrays:
