@@ -83,6 +83,7 @@ def build_model_fn(cfg: RunConfig, data: FederatedDataset) -> Callable[[], Any]:
 
 def strategy_parts(cfg: RunConfig) -> dict[str, Any]:
     """[strategy]'s selection policy and update bounds, as ``FedAvg`` keywords."""
+    from pollinate.compression import Compression
     from pollinate.strategy.check import UpdateBounds
     from pollinate.strategy.selection import make_policy
 
@@ -101,7 +102,11 @@ def strategy_parts(cfg: RunConfig) -> dict[str, Any]:
         examples_factor=s.examples_factor,
         on_excess=s.on_excess,
     )
-    return {"selection": make_policy(s.selection, **params), "bounds": bounds}
+    parts: dict[str, Any] = {"selection": make_policy(s.selection, **params), "bounds": bounds}
+    compression = Compression.from_config(cfg.compression)
+    if compression.enabled:
+        parts["transforms"] = [compression]
+    return parts
 
 
 def build_strategy(cfg: RunConfig, evaluate_fn: EvaluateFn | None) -> Strategy:
@@ -194,6 +199,7 @@ def run_experiment(cfg: RunConfig, quiet: bool = False, fresh: bool = False) -> 
     """
     from pollinate.privacy.accounting import PrivacyBudgetExceeded
     from pollinate.resume import CLIENT_STATE, FileStateStore, move_aside, resume_point
+    from pollinate.simulation.environment import Environment
 
     folder = cfg.output_dir
     if fresh and (moved := move_aside(folder)) is not None:
@@ -243,6 +249,8 @@ def run_experiment(cfg: RunConfig, quiet: bool = False, fresh: bool = False) -> 
             callbacks=callbacks,
             history=history,
             secure=run.secure,
+            environment=Environment.from_config(cfg.environment, run.data.num_clients),
+            deadline_s=cfg.environment.deadline_s or None,
         )
     except PrivacyBudgetExceeded as exc:  # a clean stop: the completed rounds are saved
         log.warning("%s; the completed rounds are in %s", exc, cfg.output_dir)

@@ -242,6 +242,7 @@ def make_record(
         "failures": len(train.failures),
         "timeouts": kinds.count("timeout"),
         "rejected": kinds.count("rejected"),
+        **{k: kinds.count(k) for k in ("offline", "lost", "corrupted") if k in kinds},
         "metrics": to_python_scalars(train.metrics),
     }
     clients: dict[str, dict[str, Any]] = {}

@@ -476,3 +476,45 @@ def test_the_same_seed_replays_the_same_conditions_in_the_history() -> None:
     fates = {c["train"]["status"] for r in records for c in r["environment"]["clients"].values()}
     # the 2 s tier's clients with over 10 examples need over 20 s: they miss the deadline
     assert fates == {"ok", "offline", "lost", "corrupted", "timeout"}
+
+
+def test_a_run_config_with_an_environment_and_compression_runs_end_to_end(tmp_path) -> None:
+    from pollinate import config as run_config
+    from pollinate.experiment import run_experiment
+
+    toml = tmp_path / "run.toml"
+    toml.write_text(
+        f"""
+[run]
+rounds = 2
+output = "{tmp_path / 'run'}"
+deterministic = true
+[data]
+num_clients = 6
+[train]
+epochs = 1
+[simulation]
+backend = "sequential"
+[strategy]
+round_timeout_s = 30
+[environment]
+seed = 1
+tiers = [
+  {{share = 0.5, seconds_per_example = 0.001, downlink_mbps = 50, uplink_mbps = 10, latency_ms = 30}},
+  {{share = 0.5, seconds_per_example = 0.5, downlink_mbps = 1, uplink_mbps = 0.5, latency_ms = 300}},
+]
+[compression]
+uplink = "qsgd"
+bits = 4
+"""
+    )
+    result = run_experiment(run_config.load(toml), quiet=True)
+    record = result.history.rounds[-1]
+    env = record["environment"]
+    assert env["bytes_up"] > 0 and env["simulated_time_s"] > 0
+    slow = [c for c in env["clients"].values() if not c["train"]["made_deadline"]]
+    assert record["train"]["timeouts"] == len(slow) > 0  # the slow tier misses 30 s
+    assert record["train"]["clients"] == 6 - len(slow)
+    assert all(
+        c["train"]["compression"] == "qsgd" for c in record["clients"].values() if "train" in c
+    )

@@ -440,8 +440,12 @@ class CentralDP(StrategyWrapper):
         """
         clip, client_side = self.clip, self.clip_on == "client"
         sums = RoundSums(ClippedSum(arrays, clip))
+        checked = getattr(self.strategy, "checked", None)  # decodes compressed updates too
         for outcome in outcomes:
-            failure = check_outcome(outcome, arrays)
+            if checked is not None:
+                outcome, failure = checked(outcome, arrays)
+            else:
+                failure = check_outcome(outcome, arrays)
             if failure is not None:
                 log.warning("client %s %s: %s", failure.client_id, failure.kind, failure.reason)
                 sums.rejected.append(failure)

@@ -133,8 +133,9 @@ def _warn_small_rounds(cfg: RunConfig, expected: float) -> None:
 
 
 def wrap_client_fn(cfg: RunConfig, client_fn: ClientFn) -> ClientFn:
-    """``client_fn`` wrapped per [privacy] (clipping or local DP on the client) and, outermost,
-    per [secure_aggregation] (the update leaves the client masked)."""
+    """``client_fn`` wrapped per [privacy] (clipping or local DP on the client), then per
+    [compression] (the update leaves encoded), and, outermost, per [secure_aggregation] (the
+    update leaves the client masked)."""
     p = cfg.privacy
     if p.mode == "central" and p.clip_on == "client":
         from pollinate.privacy import ClientClipping
@@ -150,6 +151,11 @@ def wrap_client_fn(cfg: RunConfig, client_fn: ClientFn) -> ClientFn:
             delta=p.delta,
             seed=cfg.run.seed if cfg.run.deterministic else None,
         )
+    compression = cfg.compression
+    if compression.uplink != "none" or compression.downlink != "none":
+        from pollinate.compression import Compression
+
+        client_fn = Compression.from_config(compression).client(client_fn)
     if cfg.secure_aggregation.enabled:
         from pollinate.privacy.secure import SecureClient
 

@@ -62,6 +62,7 @@ from pollinate.privacy.secagg import (
     client_unmask,
 )
 from pollinate.strategy.base import Failure, SecureSum, Strategy, TrainSummary
+from pollinate.strategy.check import failure_kind
 from pollinate.types import (
     Arrays,
     ClientId,
@@ -211,7 +212,7 @@ class SecureAggregation:
             for o in outcomes:
                 if o.error is not None:
                     why = f"secure aggregation, {name} stage: {o.error}"
-                    failures.append(Failure(o.client_id, kind, why, _failure_kind(o.error)))
+                    failures.append(Failure(o.client_id, kind, why, failure_kind(o.error)))
                     continue
                 yield o
 
@@ -306,10 +307,6 @@ def _packed(masked: np.ndarray, config: SecAggConfig) -> np.ndarray:
 
 def _add_reveal(server: SecAggServer, o: Outcome) -> None:
     server.add_reveal(o.client_id, _ids(_parse(_msg(o), "unmask"), "unmask"))
-
-
-def _failure_kind(error: str) -> str:
-    return "timeout" if error.startswith("timeout") else "error"
 
 
 def _msg(o: Outcome) -> Any:

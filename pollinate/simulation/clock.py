@@ -44,6 +44,9 @@ import numpy as np
 from pollinate.serde import payload_size
 from pollinate.server import Callback
 from pollinate.simulation.environment import ClientProfile, Environment
+from pollinate.strategy.check import failure_kind
+
+__all__ = ["ClockRecorder", "VirtualClockExecutor", "failure_kind"]
 from pollinate.types import (
     Arrays,
     ClientId,
@@ -56,14 +59,6 @@ from pollinate.types import (
 )
 
 #: the failure kinds the environment adds to a strategy's error | timeout | rejected
-FAILURE_KINDS = ("offline", "lost", "corrupted", "timeout")
-
-
-def failure_kind(error: str) -> str:
-    """The kind of failure an ``Outcome.error`` reports: offline, lost, corrupted, timeout,
-    or error."""
-    head = error.split(":", 1)[0].strip()
-    return head if head in FAILURE_KINDS else "error"
 
 
 class _Executor(Protocol):
@@ -252,7 +247,7 @@ class VirtualClockExecutor:
         epochs = float(config.get("epochs", 1)) if kind == "train" else 1.0
         compute = p.compute_s(outcome.seconds, examples, epochs)
         if outcome.error is not None:  # the client raised, died, or ran out of wall time
-            timing.status = "timeout" if outcome.error.startswith("timeout") else "error"
+            timing.status = failure_kind(outcome.error)
             timing.duration_s = t_down + compute
             timing.made_deadline = timing.status == "error" and timing.duration_s <= deadline
             phase.waited |= not timing.made_deadline

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from pollinate.client import ClientFn, MemoryStateStore, StateStore, task_seed
 from pollinate.errors import ConfigError
@@ -12,6 +13,9 @@ from pollinate.server import Callback, History, RunResult, SecureAggregator, in_
 from pollinate.simulation.backends.base import Backend
 from pollinate.strategy.base import Strategy
 from pollinate.types import Arrays, ClientId, Instructions, Outcome, Task, TaskKind
+
+if TYPE_CHECKING:
+    from pollinate.simulation.environment import Environment
 
 log = logging.getLogger("pollinate")
 
@@ -121,10 +125,15 @@ def simulate(
     history: History | None = None,
     secure: SecureAggregator | None = None,
     start_round: int = 1,
+    environment: Environment | None = None,
+    deadline_s: float | None = None,
 ) -> RunResult:
     """Run rounds ``start_round..rounds`` of federated learning over ``num_clients`` virtual
     clients (``start_round > 1``: resuming, with ``initial_arrays`` the model after round
-    ``start_round − 1``).
+    ``start_round − 1``). ``environment`` (``pollinate.simulation.environment``) puts the
+    clients on a virtual clock with device and network profiles: tasks are judged against
+    ``deadline_s`` (default: the strategy's round timeout) in simulated time, and each
+    round's record gains its simulated time, bytes sent and per-client durations.
 
     ``client_fn(context)`` builds the client for one task (see ``pollinate.client``); for the
     ``process`` and ``ray`` backends it must be picklable (a module-level function or an
@@ -143,9 +152,14 @@ def simulate(
         if isinstance(backend, str)
         else backend
     )
-    executor = SimulationExecutor(
+    executor: Any = SimulationExecutor(
         engine, seed=seed, cost_fn=cost_fn, state_store=state_store, deterministic=deterministic
     )
+    if environment is not None:
+        from pollinate.simulation.clock import ClockRecorder, VirtualClockExecutor
+
+        executor = VirtualClockExecutor(executor, environment, deadline_s)
+        callbacks = [ClockRecorder(executor), *callbacks]  # first: the writers see its stats
     try:
         engine.start(client_fn)  # inside the try: a start that fails half-way is closed too
         return run(

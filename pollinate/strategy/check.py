@@ -42,6 +42,19 @@ ON_EXCESS = ("reject", "clip")
 MIN_REFERENCE = 3
 
 
+#: failures a simulated environment adds (``pollinate.simulation.clock``), by error prefix
+FAILURE_KINDS = ("timeout", "offline", "lost", "corrupted")
+
+
+def failure_kind(error: str) -> str:
+    """A failed task's kind from its error: ``timeout``, ``offline``, ``lost``,
+    ``corrupted`` (a simulated environment's) or ``error``."""
+    for kind in FAILURE_KINDS:
+        if error.startswith(kind):
+            return kind
+    return "error"
+
+
 def check_update(template: Sequence[np.ndarray], update: Sequence[np.ndarray]) -> str | None:
     """Why ``update`` cannot be averaged into ``template`` (None when it can)."""
     if len(update) != len(template):
@@ -65,8 +78,7 @@ def check_outcome(outcome: Outcome, template: Arrays | None) -> Failure | None:
     else the strategy asked for); None skips the arrays check.
     """
     if outcome.error is not None:
-        kind = "timeout" if outcome.error.startswith("timeout") else "error"
-        return Failure(outcome.client_id, outcome.kind, outcome.error, kind)
+        return Failure(outcome.client_id, outcome.kind, outcome.error, failure_kind(outcome.error))
     res = outcome.result
     expected = {"train": TrainRes, "evaluate": EvaluateRes, "query": QueryRes}[outcome.kind]
     if not isinstance(res, (TrainRes, EvaluateRes, QueryRes)) or not isinstance(res, expected):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from dataclasses import replace
+from typing import Any, Protocol
 
 import numpy as np
 
-from pollinate.errors import ConfigError, RoundFailedError
+from pollinate.errors import ConfigError, RoundFailedError, UpdateRejected
 from pollinate.strategy.aggregators import Aggregator, WeightedMean
 from pollinate.strategy.algorithms import LocalAlgorithm, as_float64
 from pollinate.strategy.base import (
@@ -36,6 +37,16 @@ from pollinate.types import (
 )
 
 log = logging.getLogger("pollinate")
+
+
+class UpdateTransform(Protocol):
+    """A transform of the clients' updates with a server half (``pollinate.compression``'s
+    ``Compression``): how the model is sent, and how a client's payload is read back."""
+
+    def encode_model(self, arrays: Arrays) -> Arrays: ...
+
+    def decode_update(self, res_arrays: Arrays, global_arrays: Arrays) -> Arrays: ...
+
 
 ConfigFn = Callable[[int], Config]
 EvaluateFn = Callable[[Arrays], tuple[float, Metrics]]
@@ -85,6 +96,7 @@ class FedAvg(Strategy):
         optimizer: ServerOptimizer | None = None,
         algorithm: LocalAlgorithm | None = None,
         bounds: UpdateBounds | None = None,
+        transforms: Sequence[UpdateTransform] = (),
     ) -> None:
         for name, value in (
             ("fraction_train", fraction_train),
@@ -123,6 +135,8 @@ class FedAvg(Strategy):
         self.optimizer = optimizer if optimizer is not None else Plain()
         self.algorithm = algorithm if algorithm is not None else LocalAlgorithm()
         self.bounds = bounds if bounds is not None else UpdateBounds.off()
+        self.transforms = list(transforms)
+        self._sent: Arrays = []  # this round's arrays as the clients start from them
         self._entropy = np.random.default_rng()  # secret randomness when seed is None
 
     def describe(self) -> dict[str, Any]:
@@ -178,6 +192,9 @@ class FedAvg(Strategy):
         """The training plan for clients already picked (one broadcast to all of them)."""
         self.algorithm.start(arrays, population)
         sent, extra = self.algorithm.instructions(arrays)
+        self._sent = sent
+        for transform in self.transforms:  # e.g. the downlink's compression
+            sent = transform.encode_model(sent)
         ins = TrainIns(sent, {**self._config(self.train_config, round_number), **extra})
         return [(cid, ins) for cid in picked]
 
@@ -192,7 +209,10 @@ class FedAvg(Strategy):
             self.min_evaluate_clients,
             self.rng(round_number, 1),
         )
-        ins = EvaluateIns(arrays, self._config(self.evaluate_config, round_number))
+        sent = arrays
+        for transform in self.transforms:
+            sent = transform.encode_model(sent)
+        ins = EvaluateIns(sent, self._config(self.evaluate_config, round_number))
         return [(cid, ins) for cid in picked]
 
     # 3.-5. aggregation ---------------------------------------------------------------------
@@ -207,7 +227,7 @@ class FedAvg(Strategy):
         accepted: Accepted = []
         failures: list[Failure] = []
         for outcome in outcomes:
-            failure = check_outcome(outcome, expected)  # 3. the one update check
+            outcome, failure = self.checked(outcome, expected)  # 3. decode, then check
             res = outcome.result
             if failure is None:
                 assert isinstance(res, TrainRes)
@@ -248,6 +268,22 @@ class FedAvg(Strategy):
             raise RoundFailedError(f"round {round_number}: {exc}") from exc
         delta = self.algorithm.finish(aggregate, arrays)
         return self.conclude(round_number, arrays, delta, accepted, failures)
+
+    def checked(self, outcome: Outcome, expected: Arrays) -> tuple[Outcome, Failure | None]:
+        """The outcome with its arrays decoded by the transforms' server halves, and the
+        failure it stands for (``check_outcome``; a payload that cannot be decoded is
+        rejected)."""
+        res = outcome.result
+        if self.transforms and outcome.ok and isinstance(res, TrainRes):
+            payload = list(res.arrays)
+            try:
+                for transform in reversed(self.transforms):
+                    payload = transform.decode_update(payload, self._sent)
+            except UpdateRejected as exc:
+                why = f"update rejected: {exc}"
+                return outcome, Failure(outcome.client_id, "train", why, "rejected")
+            outcome = replace(outcome, result=replace(res, arrays=payload))
+        return outcome, check_outcome(outcome, expected)
 
     def _enough(
         self, round_number: int, count: int, weight: float, failures: Sequence[Failure]
