@@ -486,9 +486,7 @@ class TorchClassifier:
             arrays, control = split_scaffold_arrays(arrays, model.state_dict())
         set_arrays(model, arrays)
         tensors = _xy_tensors(self.train_data, self.device, _float_dtype(model), "train")
-        metrics: Metrics = {}
-        if options.report_initial_loss:
-            metrics["initial_loss"] = self._train_loss(tensors, n)
+        initial_loss = self._train_loss(tensors, n) if options.report_initial_loss else None
         correct, scaffold, received = None, None, None
         if options.proximal_mu or control is not None:
             entries = trainable_entries(model)
@@ -503,7 +501,9 @@ class TorchClassifier:
             )
         with _seeded(options.seed, self.device):
             loss, accuracy, steps = self._fit(options, n, tensors, correct)
-        metrics = {"loss": loss, "accuracy": accuracy, "num_steps": steps, **metrics}
+        metrics: Metrics = {"loss": loss, "accuracy": accuracy, "num_steps": steps}
+        if initial_loss is not None:
+            metrics["initial_loss"] = initial_loss
         if options.local_evaluation and self._has_test_examples():
             local_loss, local_accuracy = self._evaluate(options.batch_size)
             metrics["local_loss"] = local_loss
