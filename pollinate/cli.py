@@ -148,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-retries", type=int, default=None, help="give up after N failed connections"
     )
     client.add_argument(
+        "--state-dir",
+        help="folder where the client keeps its state between rounds (SCAFFOLD's control "
+        "variate, local DP's release count), saved after every task and loaded at start "
+        "(default ./pollinate-client-<id>-state; written only when there is state to keep)",
+    )
+    client.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -367,7 +373,15 @@ def _cmd_client(args: argparse.Namespace) -> int:
         ca=_path(args.ca, args.certs, "ca.crt"),
         insecure=args.insecure,
     )
-    connect(args.server, client_fn, client_id, security, max_retries=args.max_retries)
+    state_dir = args.state_dir or f"pollinate-client-{client_id}-state"
+    connect(
+        args.server,
+        client_fn,
+        client_id,
+        security,
+        max_retries=args.max_retries,
+        state_dir=state_dir,
+    )
     return 0
 
 

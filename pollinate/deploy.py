@@ -292,8 +292,12 @@ def connect(
     *,
     stop: threading.Event | None = None,
     max_retries: int | None = None,
+    state_dir: str | Path | None = None,
 ) -> None:
-    """Serve tasks from the server at ``address`` until stopped (reconnecting as needed)."""
+    """Serve tasks from the server at ``address`` until stopped (reconnecting as needed).
+
+    ``state_dir`` keeps the client's state between rounds in files there (None: in memory).
+    """
     from pollinate.transport.grpc.auth import load_private_key
     from pollinate.transport.grpc.client import run_client
 
@@ -314,6 +318,7 @@ def connect(
         ca_cert_pem=ca,
         stop_event=stop,
         max_retries=max_retries,
+        state_dir=state_dir,
     )
 
 

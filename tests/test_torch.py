@@ -169,7 +169,8 @@ def test_logreg_learns_digits(digits):
     res = client.train(arrays, {"epochs": 5, "lr": 0.5, "seed": 1})
     assert isinstance(client, Client)
     assert res.num_examples == len(train[1])
-    assert set(res.metrics) == {"loss", "accuracy"}
+    assert set(res.metrics) == {"loss", "accuracy", "num_steps"}
+    assert res.metrics["num_steps"] == 5 * 44  # 1400 examples in batches of 32
     again = client.train(res.arrays, {"epochs": 1, "lr": 0.5, "seed": 2})
     assert again.metrics["loss"] < res.metrics["loss"]
     after = client.evaluate(again.arrays, {})
@@ -402,7 +403,7 @@ def test_local_evaluation_reports_the_trained_model_on_test_data(digits):
     without = client.train(initial_arrays(MLP, 0), {**config, "local_evaluation": False})
     assert "local_loss" not in without.metrics
     no_test = TorchClassifier(MLP(), train).train(initial_arrays(MLP, 0), config)
-    assert set(no_test.metrics) == {"loss", "accuracy"}
+    assert set(no_test.metrics) == {"loss", "accuracy", "num_steps"}
 
 
 class DigitsDataset(Dataset):
@@ -577,7 +578,7 @@ def test_classification_app_client_without_test_examples(digits):
     app = classification_app(LOGREG, NoTestSplit(*digits))
     client = app(ClientContext(client_id=0, seed=0))
     res = client.train(initial_arrays(LOGREG, 0), {"seed": 0, "local_evaluation": True})
-    assert set(res.metrics) == {"loss", "accuracy"}
+    assert set(res.metrics) == {"loss", "accuracy", "num_steps"}
     with pytest.raises(DataError, match="no test data"):
         client.evaluate(res.arrays, {})
 

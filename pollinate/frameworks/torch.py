@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import numbers
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -35,6 +36,12 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from pollinate.client import ClientContext
 from pollinate.errors import ConfigError, DataError, UpdateRejected
+from pollinate.frameworks.torch_algorithms import (
+    GradientCorrection,
+    Scaffold,
+    split_scaffold_arrays,
+    trainable_entries,
+)
 from pollinate.frameworks.torch_optim import SGD, Adam, LocalOptimizer
 from pollinate.types import Arrays, Config, EvaluateRes, Metrics, TrainRes
 
@@ -157,6 +164,9 @@ class TrainOptions:
     weight_decay: float = 0.0
     seed: int = 0
     local_evaluation: bool = False
+    proximal_mu: float = 0.0  # FedProx's μ (0: off)
+    scaffold: bool = False  # SCAFFOLD: the task's arrays are model + control variates
+    report_initial_loss: bool = False  # report the received model's train loss (q-FedAvg)
 
     @classmethod
     def from_config(cls, config: Config) -> TrainOptions:
@@ -176,6 +186,9 @@ class TrainOptions:
             weight_decay=_float(config, "weight_decay", d.weight_decay),
             seed=_int(config, "seed", d.seed),
             local_evaluation=_bool(config, "local_evaluation", d.local_evaluation),
+            proximal_mu=_float(config, "proximal_mu", d.proximal_mu),
+            scaffold=_bool(config, "scaffold", d.scaffold),
+            report_initial_loss=_bool(config, "report_initial_loss", d.report_initial_loss),
         )
         if not options.lr > 0:
             raise ConfigError(f"train config 'lr' must be > 0, got {options.lr}")
@@ -191,6 +204,11 @@ class TrainOptions:
         if not options.weight_decay >= 0:
             raise ConfigError(
                 f"train config 'weight_decay' must be >= 0, got {options.weight_decay}"
+            )
+        if not 0 <= options.proximal_mu < math.inf:
+            raise ConfigError(
+                f"train config 'proximal_mu' must be a finite number >= 0, got "
+                f"{options.proximal_mu}"
             )
         return options
 
@@ -381,16 +399,26 @@ def _train_epoch(
     optimizer: LocalOptimizer,
     batches: _Batches,
     meter: _EpochMeter | None = None,
-) -> None:
-    """One epoch of the plain loop; ``meter`` (if any) records loss and predictions."""
+    correct: Callable[[], None] | None = None,
+) -> int:
+    """One epoch of the plain loop; returns its number of optimizer steps.
+
+    ``meter`` (if any) records loss and predictions; ``correct`` (if any) adjusts the
+    gradients before each step (FedProx, SCAFFOLD).
+    """
+    steps = 0
     for xb, yb in batches:
         optimizer.zero_grad()
         out = model(xb)
         loss = F.cross_entropy(out, yb)
         loss.backward()
+        if correct is not None:
+            correct()
         optimizer.step()
+        steps += 1
         if meter is not None:
             meter.add(loss, out, yb)
+    return steps
 
 
 def _evaluate_batches(
@@ -418,7 +446,18 @@ class TorchClassifier:
 
     ``train`` reads ``epochs``, ``batch_size``, ``optimizer`` (sgd | adam), ``lr``,
     ``momentum``, ``weight_decay``, ``seed`` (shuffling and dropout) and ``local_evaluation``
-    from the config. ``evaluate`` reads ``batch_size`` (default 256).
+    from the config, and reports ``loss`` and ``accuracy`` (last epoch) and ``num_steps``
+    (optimizer steps taken). Keys a strategy may add (``torch_algorithms`` has the maths):
+
+    - ``proximal_mu`` (FedProx): add μ·(w − w_global) to each step's gradients;
+    - ``scaffold`` (SCAFFOLD, option II): the arrays are the model's n ``state_dict``
+      entries followed by the server's n control variates; each step uses g + c − c_i, and
+      the result is the n trained arrays followed by the n entries of c_i⁺ − c_i. c_i lives
+      in ``state`` (``ClientContext.state``) under ``"scaffold_c"``;
+    - ``report_initial_loss`` (q-FedAvg): also report ``initial_loss``, the mean
+      cross-entropy of the received model on the training data (eval mode).
+
+    ``evaluate`` reads ``batch_size`` (default 256).
     """
 
     def __init__(
@@ -427,11 +466,13 @@ class TorchClassifier:
         train_data: TorchData,
         test_data: TorchData | None = None,
         device: str | torch.device = "cpu",
+        state: dict[str, Any] | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.train_data = train_data
         self.test_data = test_data
+        self.state: dict[str, Any] = state if state is not None else {}
 
     def train(self, arrays: Arrays, config: Config) -> TrainRes:
         """Load ``arrays``, train locally, return the trained arrays and last-epoch metrics."""
@@ -439,15 +480,39 @@ class TorchClassifier:
         n = _num_examples(self.train_data)
         if n == 0:
             raise DataError("this client has no training examples")
-        set_arrays(self.model, arrays)
+        model = self.model
+        control = None
+        if options.scaffold:
+            arrays, control = split_scaffold_arrays(arrays, model.state_dict())
+        set_arrays(model, arrays)
+        tensors = _xy_tensors(self.train_data, self.device, _float_dtype(model), "train")
+        initial_loss = self._train_loss(tensors, n) if options.report_initial_loss else None
+        correct, scaffold, received = None, None, None
+        if options.proximal_mu or control is not None:
+            entries = trainable_entries(model)
+            received = [p.detach().clone() for _, p in entries]
+            if control is not None:
+                scaffold = Scaffold(model, control, self.state, entries)
+            correct = GradientCorrection(
+                [p for _, p in entries],
+                received,
+                mu=options.proximal_mu,
+                drift=scaffold.drift if scaffold is not None else None,
+            )
         with _seeded(options.seed, self.device):
-            loss, accuracy = self._fit(options, n)
-        metrics: Metrics = {"loss": loss, "accuracy": accuracy}
+            loss, accuracy, steps = self._fit(options, n, tensors, correct)
+        metrics: Metrics = {"loss": loss, "accuracy": accuracy, "num_steps": steps}
+        if initial_loss is not None:
+            metrics["initial_loss"] = initial_loss
         if options.local_evaluation and self._has_test_examples():
             local_loss, local_accuracy = self._evaluate(options.batch_size)
             metrics["local_loss"] = local_loss
             metrics["local_accuracy"] = local_accuracy
-        return TrainRes(get_arrays(self.model), num_examples=n, metrics=metrics)
+        trained = get_arrays(model)
+        if scaffold is not None:
+            assert received is not None
+            trained += scaffold.finish(received, steps, options.lr)
+        return TrainRes(trained, num_examples=n, metrics=metrics)
 
     def evaluate(self, arrays: Arrays, config: Config) -> EvaluateRes:
         """Load ``arrays`` and return mean cross-entropy and accuracy on the test data."""
@@ -468,12 +533,18 @@ class TorchClassifier:
     def _has_test_examples(self) -> bool:
         return self.test_data is not None and _num_examples(self.test_data) > 0
 
-    def _fit(self, options: TrainOptions, n: int) -> tuple[float, float]:
+    def _fit(
+        self,
+        options: TrainOptions,
+        n: int,
+        tensors: tuple[torch.Tensor, torch.Tensor] | None,
+        correct: Callable[[], None] | None,
+    ) -> tuple[float, float, int]:
+        """Train for ``options.epochs``: (last epoch's loss, its accuracy, optimizer steps)."""
         model = self.model
         model.train()
         optimizer = options.make_optimizer(model.parameters())
         generator = torch.Generator().manual_seed(options.seed)
-        tensors = _xy_tensors(self.train_data, self.device, _float_dtype(model), "train")
         loader = None
         if tensors is None:
             loader = DataLoader(
@@ -483,6 +554,7 @@ class TorchClassifier:
                 generator=generator,
             )
         meter = _EpochMeter()
+        steps = 0
         for epoch in range(options.epochs):
             batches: _Batches
             if tensors is not None:
@@ -493,9 +565,24 @@ class TorchClassifier:
                 assert loader is not None
                 batches = _loader_batches(loader, self.device)
             last = epoch == options.epochs - 1
-            _train_epoch(model, optimizer, batches, meter if last else None)
+            steps += _train_epoch(model, optimizer, batches, meter if last else None, correct)
         optimizer.zero_grad()  # free the gradients: the worker keeps the model, not them
-        return meter.result()
+        loss, accuracy = meter.result()
+        return loss, accuracy, steps
+
+    def _train_loss(self, tensors: tuple[torch.Tensor, torch.Tensor] | None, n: int) -> float:
+        """Mean cross-entropy of the current model on the training data (eval mode)."""
+        batches: _Batches
+        if tensors is None:
+            loader = DataLoader(
+                self.train_data,  # type: ignore[arg-type]
+                batch_size=DEFAULT_EVAL_BATCH_SIZE,
+            )
+            batches = _loader_batches(loader, self.device)
+        else:
+            batches = _tensor_batches(*tensors, DEFAULT_EVAL_BATCH_SIZE)
+        loss, _ = _evaluate_batches(self.model, batches, n, self.device)
+        return loss
 
     def _evaluate(self, batch_size: int) -> tuple[float, float]:
         assert self.test_data is not None
@@ -530,6 +617,8 @@ class ClassificationApp:
     ``data`` is a federated data set (``client_train(cid)``, ``client_test(cid)``). Each worker
     builds the model once with ``model_fn()`` and keeps it in ``ctx.worker`` for every client
     it serves; every task loads the global arrays into it, so its initial weights never matter.
+    The client's ``ctx.state`` is handed to the ``TorchClassifier`` as is, so what it keeps
+    (SCAFFOLD's c_i) is saved by the engine after the task and comes back next round.
     """
 
     def __init__(self, model_fn: ModelFn, data: Any, device: str = "cpu") -> None:
@@ -546,6 +635,7 @@ class ClassificationApp:
             train_data=self.data.client_train(ctx.client_id),
             test_data=test_data,
             device=self.device,
+            state=ctx.state,  # the same dict: what the client keeps is saved after the task
         )
 
     def worker_model(self, worker: dict[str, Any]) -> nn.Module:

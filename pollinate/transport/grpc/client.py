@@ -20,9 +20,11 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pollinate.client import ClientFn
+from pollinate.client_state import ClientStateError, FileStateStore
 from pollinate.errors import ConfigError, PollinateError, SerializationError, missing_dependency
 from pollinate.simulation.backends.base import execute_task
 from pollinate.transport.grpc import pollinate_pb2 as pb
@@ -106,6 +108,7 @@ def run_client(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
     connect_timeout_s: float = 20.0,
+    state_dir: str | Path | None = None,
 ) -> None:
     """Serve tasks from the server at ``address`` as client ``client_id`` until stopped.
 
@@ -114,7 +117,9 @@ def run_client(
     ``private_key`` signs the registration and every result (needed when the server has an
     allow-list). Returns when ``stop_event`` is set; raises :class:`ClientRejected` when the
     server refuses the client and :class:`ServerUnreachable` after ``max_retries`` failed
-    attempts in a row (None: retry forever).
+    attempts in a row (None: retry forever). ``state_dir`` keeps the client's state between
+    rounds in files (``pollinate.client_state``), loaded at start and saved after every task
+    (None: in memory only, lost with the process).
     """
     if client_id < 0:
         raise ConfigError(f"client id must be >= 0, got {client_id}")
@@ -127,7 +132,8 @@ def run_client(
             address,
         )
     stop = stop_event if stop_event is not None else threading.Event()
-    worker = _Worker(client_fn, client_id)
+    store = FileStateStore(state_dir) if state_dir is not None else None
+    worker = _Worker(client_fn, client_id, store)
     failures = 0
     try:
         while not stop.is_set():
@@ -194,14 +200,52 @@ def fetch_status(
 
 
 class _Worker:
-    """Runs tasks one at a time for the life of the process (one model, one state)."""
+    """Runs tasks one at a time for the life of the process (one model, one state).
 
-    def __init__(self, client_fn: ClientFn, client_id: int) -> None:
+    With a ``store`` the state is loaded from it at start and saved to it after every task;
+    state kept for another run (the server's run id changed) is dropped.
+    """
+
+    def __init__(
+        self, client_fn: ClientFn, client_id: int, store: FileStateStore | None = None
+    ) -> None:
         self.client_fn = client_fn
         self.client_id = client_id
         self.cache: dict[str, Any] = {}  # ClientContext.worker: the model is built once
-        self.state: dict[str, Any] = {}  # ClientContext.state, kept between rounds
+        self.store = store
+        # ClientContext.state, kept between rounds, and the run it belongs to
+        self.state: dict[str, Any] = store.get(client_id) if store is not None else {}
+        self.run_id = store.saved_run_id(client_id) if store is not None else None
+        if self.state and store is not None:
+            log.info("client %d: state loaded from %s", client_id, store.path(client_id))
+        self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="pollinate-task")
+
+    def joined(self, run_id: str) -> None:
+        """The server runs ``run_id``: drop state kept for another run."""
+        if not run_id:
+            return
+        with self._lock:
+            if self.run_id is not None and self.run_id != run_id and self.state:
+                log.warning(
+                    "client %d: dropping its state from run %s: the server now runs %s",
+                    self.client_id,
+                    self.run_id,
+                    run_id,
+                )
+                self.state = {}
+                self._save()
+            self.run_id = run_id
+            if self.store is not None:
+                self.store.run_id = run_id
+
+    def _save(self) -> None:
+        if self.store is None:
+            return
+        try:
+            self.store.put(self.client_id, self.state)
+        except (ClientStateError, OSError) as exc:
+            log.error("client %d: its state was not saved: %s", self.client_id, exc)
 
     def submit(
         self, session: _Session, task_id: str, kind: TaskKind, config: Config, arrays: Arrays
@@ -214,14 +258,17 @@ class _Worker:
         if not session.wants(task_id):
             return
         log.info("client %d: %s task %s", self.client_id, kind, task_id)
-        task = Task(self.client_id, kind, config, state=dict(self.state))
+        with self._lock:
+            task = Task(self.client_id, kind, config, state=dict(self.state))
         try:
             outcome = execute_task(self.client_fn, task, arrays, self.cache)
             if outcome.traceback:
                 log.error("client %d: %s failed:\n%s", self.client_id, kind, outcome.traceback)
             if session.send_result(task_id, kind, outcome) and outcome.ok:
                 if outcome.state is not None:
-                    self.state = dict(outcome.state)
+                    with self._lock:
+                        self.state = dict(outcome.state)
+                        self._save()
         except Exception:  # never let a task kill the worker thread silently
             log.exception("client %d: task %s failed", self.client_id, task_id)
 
@@ -442,6 +489,7 @@ class _Session:
             self.chunk_bytes = min(self.chunk_bytes, welcome.chunk_bytes)
         self.server_max_payload = welcome.max_payload_bytes
         self.welcomed = True
+        self.worker.joined(welcome.run_id)
         log.info(
             "client %d: connected to %s (run %s)",
             self.client_id,
