@@ -44,6 +44,11 @@ class DataSection:
     min_size: int = 2
     shards_per_client: int = 2
     client_test_fraction: float = 0.1
+    classes_per_client: int = 2  # pathological
+    partition_by: str = ""  # natural: the column whose values are the clients
+    label_column: str = ""  # hf: sources; default 'label', else 'labels'
+    feature_columns: list[str] = field(default_factory=list)  # hf: sources; default: auto
+    test_fraction: float = 0.2  # hf: sources without a test split: the server's test share
 
 
 @dataclass
@@ -143,7 +148,18 @@ class RunConfig:
 
 
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
-    ("data", "partition"): ("iid", "dirichlet", "shards", "quantity"),
+    ("data", "partition"): (
+        "iid",
+        "dirichlet",
+        "shards",
+        "quantity",
+        "pathological",
+        "inner_dirichlet",
+        "linear",
+        "square",
+        "exponential",
+        "natural",
+    ),
     ("train", "optimizer"): ("sgd", "adam"),
     ("strategy", "name"): ("fedavg",),
     ("simulation", "backend"): ("sequential", "process", "ray"),
@@ -171,6 +187,7 @@ POSITIVE = {
     ("secure_aggregation", "clip_range"),
     ("secure_aggregation", "quantization_bits"),
     ("secure_aggregation", "modulus_bits"),
+    ("data", "classes_per_client"),
 }
 NON_NEGATIVE = {
     ("data", "min_size"),
@@ -189,7 +206,10 @@ FRACTIONS = {
     ("strategy", "fraction_train"),
     ("strategy", "fraction_evaluate"),
     ("privacy", "target_quantile"),
+    ("data", "test_fraction"),
 }
+# keys whose value may also be "package.module:function", besides their CHOICES
+PLUGGABLE = {("data", "partition")}
 
 
 def _sections() -> dict[str, type]:
@@ -230,15 +250,23 @@ def _coerce(section: str, key: str, value: Any, hint: Any) -> Any:
         ):
             raise ConfigError(f"{where} must be a list of positive integers, got {value!r}")
         return list(value)
+    if hint == list[str]:
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{where} must be a list of names, got {value!r}")
+        return list(value)
     raise ConfigError(f"{where}: unsupported type {hint}")  # pragma: no cover
 
 
 def _check(cfg: RunConfig) -> None:
     for (section, key), allowed in CHOICES.items():
         value = getattr(getattr(cfg, section), key)
+        if (section, key) in PLUGGABLE and ":" in value:
+            continue  # imported and checked when the run is built
         if value not in allowed:
+            own = " or 'package.module:function'" if (section, key) in PLUGGABLE else ""
             raise ConfigError(
-                f"{section}.{key} = {value!r} is not allowed; choose one of: {', '.join(allowed)}"
+                f"{section}.{key} = {value!r} is not allowed; choose one of: "
+                f"{', '.join(allowed)}{own}"
             )
     for section, key in POSITIVE:
         value = getattr(getattr(cfg, section), key)
