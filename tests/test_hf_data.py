@@ -4,7 +4,11 @@ or read from local folders through datasets.load_dataset (the same call as for t
 from __future__ import annotations
 
 import json
+import re
+import shlex
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,6 +76,21 @@ def test_colour_images_move_channels_first() -> None:
     assert ds.num_classes == 10 and len(ds.y_train) + len(ds.y_test) == 10
     for x, y in zip(ds.x_train, ds.y_train):  # each row still matches its label
         np.testing.assert_allclose(x, rgb[y].transpose(2, 0, 1) / 255.0, rtol=1e-6)
+
+
+def test_array_images_keep_their_uint8_scale_and_layout() -> None:
+    """Nested lists of uint8 (what from_dict makes of a NumPy array) are images in [0, 1];
+    float arrays are kept as they are; channels-last colour arrays move channels first."""
+    grey = grey_images(10)
+    ds = from_hf(datasets.Dataset.from_dict({"pixels": grey, "label": np.arange(10) % 2}))
+    assert ds.input_shape == (1, 6, 5) and ds.x_train.max() <= 1.0
+    rows = np.concatenate([ds.x_train, ds.x_test])[:, 0] * 255.0
+    assert sorted(map(bytes, np.rint(rows).astype(np.uint8))) == sorted(map(bytes, grey))
+    hwc = np.random.default_rng(0).random((10, 6, 5, 3)).astype(np.float32)
+    ds = from_hf(datasets.Dataset.from_dict({"pixels": hwc, "label": np.arange(10) % 2}))
+    assert ds.input_shape == (3, 6, 5)
+    x = np.concatenate([ds.x_train, ds.x_test]).transpose(0, 2, 3, 1)
+    assert sorted(map(bytes, x)) == sorted(map(bytes, hwc))  # unscaled floats
 
 
 def test_a_single_split_is_held_out_stratified_and_the_same_every_time() -> None:
@@ -257,3 +276,38 @@ def test_a_saved_hf_data_set_runs_end_to_end(tmp_path, capsys) -> None:
     assert last["train"]["clients"] == 8 and "accuracy" in last["centralized"]
     assert "accuracy" in last["federated"]
     assert history["config"]["data"]["partition_by"] == "writer_id"
+
+
+def readme_hf_commands() -> tuple[str, list[list[str]]]:
+    """The README's Hugging Face example: the script it saves, and its pollinate commands."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"```bash\n(pollinate run --set data.dataset=hf:.*?)```", text, re.S)
+    assert block is not None
+    script = re.search(r"python - <<'END'.*?\n(.*?)\nEND\n", block.group(1), re.S)
+    assert script is not None
+    joined = block.group(1)[script.end() :].replace("\\\n", " ")
+    commands = [shlex.split(line)[1:] for line in joined.splitlines() if line.strip()]
+    return script.group(1), commands
+
+
+def test_readme_hf_example_works_as_written(tmp_path, monkeypatch, capsys) -> None:
+    from pollinate.cli import main
+
+    script, commands = readme_hf_commands()
+    monkeypatch.chdir(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [c[0] for c in commands] == ["partition", "run"]
+    assert main(commands[0]) == 0
+    out = capsys.readouterr().out
+    assert "hf-disk:digits-hf: 25 clients, partition natural" in out
+    rows = [line.split() for line in out.splitlines() if line.split()[0].isdigit()]
+    assert len(rows) == 25 and sum(int(r[1]) for r in rows) == 1438  # 80% of 1,797 digits
+    quick = ["--set", "run.rounds=1", "--set", "simulation.backend=sequential", "--quiet"]
+    assert main(commands[1] + quick) == 0
+    history = json.loads((tmp_path / "runs" / "digits" / "history.json").read_text())
+    assert history["config"]["data"]["partition"] == "pathological"
+    assert history["config"]["data"]["classes_per_client"] == 3
+    assert "accuracy" in history["rounds"][0]["centralized"]

@@ -259,12 +259,14 @@ def _features(ds: Any, columns: list[str]) -> np.ndarray:
     """The feature columns as float32: images (N, C, H, W) or tabular (N, F)."""
     image = len(columns) == 1 and _is_image(ds, columns[0])
     hf_image = image and type(ds.features[columns[0]]).__name__ == "Image"
+    # NumPy formatting widens nested lists of uint8 to int64: the feature keeps the dtype
+    stored_uint8 = image and (hf_image or _leaf_dtype(ds.features[columns[0]]) == "uint8")
     view = ds.select_columns(columns).with_format("numpy")
     parts = []
     for start in range(0, len(ds), BATCH):
         batch = view[start : start + BATCH]
         if image:
-            parts.append(_images(batch[columns[0]], columns[0], channels_last=hf_image))
+            parts.append(_images(batch[columns[0]], columns[0], hf_image, stored_uint8))
         else:
             parts.append(_tabular([batch[c] for c in columns], columns))
     if not parts:
@@ -275,7 +277,17 @@ def _features(ds: Any, columns: list[str]) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def _images(values: Any, column: str, channels_last: bool) -> np.ndarray:
+def _leaf_dtype(feature: Any) -> str | None:
+    """The dtype of the numbers inside a (nested) list or array feature."""
+    while feature is not None:
+        dtype = getattr(feature, "dtype", None)
+        if isinstance(dtype, str):
+            return dtype
+        feature = getattr(feature, "feature", None)
+    return None
+
+
+def _images(values: Any, column: str, channels_last: bool, uint8: bool) -> np.ndarray:
     arr = np.asarray(values)
     if arr.dtype == object:
         shapes = sorted({np.shape(v) for v in arr})[:3]
@@ -288,7 +300,7 @@ def _images(values: Any, column: str, channels_last: bool) -> np.ndarray:
         arr = arr[:, None]  # grey-scale (N, H, W) -> (N, 1, H, W)
     elif arr.ndim == 4 and (channels_last or (arr.shape[3] <= 4 < arr.shape[1])):
         arr = arr.transpose(0, 3, 1, 2)
-    if arr.dtype == np.uint8:
+    if uint8 or arr.dtype == np.uint8:
         return arr.astype(np.float32) / np.float32(255.0)
     return arr.astype(np.float32)
 
