@@ -44,6 +44,11 @@ class DataSection:
     min_size: int = 2
     shards_per_client: int = 2
     client_test_fraction: float = 0.1
+    classes_per_client: int = 2  # pathological
+    partition_by: str = ""  # natural: the column whose values are the clients
+    label_column: str = ""  # hf: sources; default 'label', else 'labels'
+    feature_columns: list[str] = field(default_factory=list)  # hf: sources; default: auto
+    test_fraction: float = 0.2  # hf: sources without a test split: the server's test share
 
 
 @dataclass
@@ -191,7 +196,18 @@ class RunConfig:
 
 
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
-    ("data", "partition"): ("iid", "dirichlet", "shards", "quantity"),
+    ("data", "partition"): (
+        "iid",
+        "dirichlet",
+        "shards",
+        "quantity",
+        "pathological",
+        "inner_dirichlet",
+        "linear",
+        "square",
+        "exponential",
+        "natural",
+    ),
     ("train", "optimizer"): ("sgd", "adam"),
     ("strategy", "selection"): ("uniform", "poisson", "power_of_choice", "cooldown"),
     ("strategy", "on_excess"): ("reject", "clip"),
@@ -224,6 +240,7 @@ POSITIVE = {
     ("secure_aggregation", "modulus_bits"),
     ("compression", "bits"),
     ("compression", "topk_fraction"),
+    ("data", "classes_per_client"),
 }
 NON_NEGATIVE = {
     ("data", "min_size"),
@@ -250,7 +267,10 @@ FRACTIONS = {
     ("strategy", "fraction_evaluate"),
     ("privacy", "target_quantile"),
     ("compression", "topk_fraction"),
+    ("data", "test_fraction"),
 }
+# keys whose value may also be "package.module:function", besides their CHOICES
+PLUGGABLE = {("data", "partition")}
 
 
 def _sections() -> dict[str, type]:
@@ -303,15 +323,23 @@ def _coerce(section: str, key: str, value: Any, hint: Any) -> Any:
                 if not isinstance(v, (bool, int, float, str)):
                     raise ConfigError(f"{where}[{i}].{k} must be a number or string, got {v!r}")
         return [dict(v) for v in value]
+    if hint == list[str]:
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{where} must be a list of names, got {value!r}")
+        return list(value)
     raise ConfigError(f"{where}: unsupported type {hint}")  # pragma: no cover
 
 
 def _check(cfg: RunConfig) -> None:
     for (section, key), allowed in CHOICES.items():
         value = getattr(getattr(cfg, section), key)
+        if (section, key) in PLUGGABLE and ":" in value:
+            continue  # imported and checked when the run is built
         if value not in allowed:
+            own = " or 'package.module:function'" if (section, key) in PLUGGABLE else ""
             raise ConfigError(
-                f"{section}.{key} = {value!r} is not allowed; choose one of: {', '.join(allowed)}"
+                f"{section}.{key} = {value!r} is not allowed; choose one of: "
+                f"{', '.join(allowed)}{own}"
             )
     for section, key in POSITIVE:
         value = getattr(getattr(cfg, section), key)

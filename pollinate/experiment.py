@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from pollinate.callbacks import ProgressDisplay, RunFolderWriter
 from pollinate.client import ClientFn
 from pollinate.config import RunConfig
-from pollinate.data import FederatedDataset, load_dataset, make_partitioner
+from pollinate.data import FederatedDataset, federated_from_config
 from pollinate.server import Callback, History, RunResult
 from pollinate.simulation import simulate
 from pollinate.strategy.base import Strategy
@@ -23,25 +23,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pollinate")
 
-PARTITION_PARAMS = {
-    "iid": (),
-    "dirichlet": ("alpha", "min_size"),
-    "shards": ("shards_per_client",),
-    "quantity": ("alpha", "min_size"),
-}
-
 
 def build_data(cfg: RunConfig) -> FederatedDataset:
     """Load the config's data set and split it across its clients."""
-    d = cfg.data
-    params: dict[str, Any] = {k: getattr(d, k) for k in PARTITION_PARAMS[d.partition]}
-    if d.partition == "quantity":
-        params["min_size"] = max(1, d.min_size)
-    partitioner = make_partitioner(d.partition, **params)
-    dataset = load_dataset(d.dataset)
-    return FederatedDataset.build(
-        dataset, partitioner, d.num_clients, d.client_test_fraction, cfg.run.seed
-    )
+    return federated_from_config(cfg.data, cfg.run.seed)
 
 
 def train_config(cfg: RunConfig) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -10,16 +12,20 @@ import pytest
 from pollinate.data import (
     IID,
     Dirichlet,
+    Exponential,
+    FunctionPartitioner,
+    InnerDirichlet,
+    Linear,
+    Natural,
     Partition,
     Partitioner,
+    Pathological,
     Quantity,
     Shards,
+    Square,
     make_partitioner,
 )
 from pollinate.errors import ConfigError, DataError
-
-PARTITIONERS = [IID(), Dirichlet(alpha=0.5, min_size=2), Shards(shards_per_client=2), Quantity()]
-IDS = [type(p).__name__ for p in PARTITIONERS]
 
 
 def balanced_labels(classes: int = 10, per_class: int = 100, seed: int = 0) -> np.ndarray:
@@ -41,45 +47,101 @@ def check_valid(part: Partition, num_examples: int, num_clients: int) -> None:
     assert [part.size(i) for i in range(num_clients)] == sizes.tolist()
 
 
-# --- the contract ---------------------------------------------------------------------------
+# --- the contract, met by every partitioner -------------------------------------------------
 
 
-@pytest.mark.parametrize("partitioner", PARTITIONERS, ids=IDS)
-@pytest.mark.parametrize("num_clients", [1, 7, 50])
-def test_contract_valid_partition(partitioner: Partitioner, num_clients: int) -> None:
+def round_robin(labels: np.ndarray, num_clients: int, rng: np.random.Generator) -> list:
+    """A user's partition function: a shuffled split into near-equal parts."""
+    return np.array_split(rng.permutation(len(labels)), num_clients)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """A partitioner for ``(labels, num_clients)``, and which examples it promises to use."""
+
+    id: str
+    make: Callable[[np.ndarray, int], Partitioner]
+    uses_every_example: bool = True  # else: every example of the classes its clients hold
+
+    def claimed(self, labels: np.ndarray, part: Partition) -> np.ndarray:
+        if self.uses_every_example:
+            return np.arange(len(labels))
+        held = np.unique(labels[part.order])
+        return np.flatnonzero(np.isin(labels, held))
+
+
+def fixed(partitioner: Partitioner) -> Callable[[np.ndarray, int], Partitioner]:
+    return lambda labels, num_clients: partitioner
+
+
+CASES = [
+    Case("IID", fixed(IID())),
+    Case("Dirichlet", fixed(Dirichlet(alpha=0.5, min_size=2))),
+    Case("Shards", fixed(Shards(shards_per_client=2))),
+    Case("Quantity", fixed(Quantity())),
+    Case("Pathological", fixed(Pathological(2)), uses_every_example=False),
+    Case("Pathological-random", fixed(Pathological(3, "random")), uses_every_example=False),
+    Case("Pathological-det", fixed(Pathological(2, "deterministic")), uses_every_example=False),
+    Case("InnerDirichlet", fixed(InnerDirichlet(alpha=0.5))),
+    Case("Linear", fixed(Linear())),
+    Case("Square", fixed(Square())),
+    Case("Exponential", fixed(Exponential())),
+    Case("Natural", lambda labels, k: Natural(np.arange(len(labels)) % k, column="writer")),
+    Case("Function", fixed(FunctionPartitioner(round_robin, "tests:round_robin"))),
+]
+IDS = [c.id for c in CASES]
+ASKS_FOR_FEWER = "fewer clients|use at most|classes_per_client to at most"
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("num_clients", [1, 4, 7])
+def test_contract_valid_partition(case: Case, num_clients: int) -> None:
     labels = balanced_labels()
-    part = partitioner.partition(labels, num_clients, np.random.default_rng(0))
+    part = case.make(labels, num_clients).partition(labels, num_clients, np.random.default_rng(0))
     check_valid(part, len(labels), num_clients)
-    assert len(part.order) == len(labels)  # the built-in partitioners use every example
+    np.testing.assert_array_equal(np.sort(part.order), case.claimed(labels, part))
 
 
-@pytest.mark.parametrize("partitioner", PARTITIONERS, ids=IDS)
-def test_contract_deterministic_per_seed(partitioner: Partitioner) -> None:
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_contract_many_clients_are_given_or_refused_with_the_fix(case: Case) -> None:
     labels = balanced_labels()
-    a = partitioner.partition(labels, 10, np.random.default_rng(42))
-    b = partitioner.partition(labels, 10, np.random.default_rng(42))
-    c = partitioner.partition(labels, 10, np.random.default_rng(43))
+    try:
+        part = case.make(labels, 60).partition(labels, 60, np.random.default_rng(0))
+    except DataError as exc:
+        assert re.search(ASKS_FOR_FEWER, str(exc)), exc
+    else:
+        check_valid(part, len(labels), 60)  # never a different number of clients
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_contract_deterministic_per_seed(case: Case) -> None:
+    labels = balanced_labels()
+    partitioner = case.make(labels, 5)
+    a = partitioner.partition(labels, 5, np.random.default_rng(42))
+    b = partitioner.partition(labels, 5, np.random.default_rng(42))
+    c = partitioner.partition(labels, 5, np.random.default_rng(43))
     np.testing.assert_array_equal(a.order, b.order)
     np.testing.assert_array_equal(a.offsets, b.offsets)
     assert not np.array_equal(a.order, c.order)
 
 
-@pytest.mark.parametrize("partitioner", PARTITIONERS, ids=IDS)
-def test_contract_shuffles_within_a_client(partitioner: Partitioner) -> None:
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_contract_shuffles_within_a_client(case: Case) -> None:
     labels = np.sort(balanced_labels())  # sorted input must not come out sorted
-    part = partitioner.partition(labels, 4, np.random.default_rng(0))
+    part = case.make(labels, 4).partition(labels, 4, np.random.default_rng(0))
     for i in range(4):
         idx = part.indices(i)
         assert len(idx) < 10 or not np.all(np.diff(idx) > 0)
     assert part.sizes().max() >= 10
 
 
-@pytest.mark.parametrize("partitioner", PARTITIONERS, ids=IDS)
-def test_contract_rejects_impossible_requests(partitioner: Partitioner) -> None:
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_contract_rejects_impossible_requests(case: Case) -> None:
     labels = balanced_labels(classes=3, per_class=4)
     rng = np.random.default_rng(0)
     with pytest.raises(DataError, match="use fewer clients"):
-        partitioner.partition(labels, 13, rng)  # more clients than examples
+        case.make(labels, 13).partition(labels, 13, rng)  # more clients than examples
+    partitioner = case.make(labels, 3)
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ConfigError, match="num_clients must be an integer >= 1"):
             partitioner.partition(labels, bad, rng)  # type: ignore[arg-type]
@@ -87,19 +149,27 @@ def test_contract_rejects_impossible_requests(partitioner: Partitioner) -> None:
         partitioner.partition(labels.reshape(3, 4), 2, rng)
 
 
-@pytest.mark.parametrize("partitioner", PARTITIONERS, ids=IDS)
-def test_contract_edge_cases(partitioner: Partitioner) -> None:
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_contract_edge_cases(case: Case) -> None:
     rng = np.random.default_rng(0)
     one_class = np.zeros(200, dtype=np.int64)
-    check_valid(partitioner.partition(one_class, 5, rng), 200, 5)
     sparse_labels = np.repeat(np.array([3, 70]), 50)  # labels need not be 0..C-1
-    check_valid(partitioner.partition(sparse_labels, np.int64(5), rng), 100, 5)  # type: ignore[arg-type]
+    for labels in (one_class, sparse_labels):
+        k = np.int64(5)  # NumPy integers count as integers
+        try:
+            part = case.make(labels, k).partition(labels, k, rng)  # type: ignore[arg-type]
+        except DataError as exc:  # only a documented limit, named with its fix
+            assert case.id.startswith("Pathological") and "classes_per_client to at most" in str(
+                exc
+            )
+        else:
+            check_valid(part, len(labels), 5)
     # as many clients as examples: a valid split of one example each, or a clear DataError
     labels = balanced_labels(classes=2, per_class=10)
     try:
-        part = partitioner.partition(labels, 20, rng)
+        part = case.make(labels, 20).partition(labels, 20, rng)
     except DataError as exc:
-        assert "fewer clients" in str(exc)
+        assert re.search(ASKS_FOR_FEWER, str(exc)), exc
     else:
         check_valid(part, 20, 20)
         assert part.sizes().tolist() == [1] * 20
@@ -207,9 +277,13 @@ def test_make_partitioner_builds_each_kind() -> None:
 
 def test_make_partitioner_names_what_is_allowed() -> None:
     with pytest.raises(
-        ConfigError, match=re.escape("use one of: iid | dirichlet | shards | quantity")
+        ConfigError,
+        match=re.escape(
+            "use one of: iid | dirichlet | shards | quantity | pathological | inner_dirichlet "
+            "| linear | square | exponential | natural, or 'package.module:function'"
+        ),
     ):
-        make_partitioner("pathological")
+        make_partitioner("bogus")
     with pytest.raises(ConfigError, match="'iid' does not take alpha; it takes no parameters"):
         make_partitioner("iid", alpha=0.5)
     with pytest.raises(ConfigError, match="does not take shards; it takes shards_per_client"):

@@ -16,9 +16,14 @@
 
   ``<name>.npz`` uses Keras' layout (arrays ``x_train``, ``y_train``, ``x_test``, ``y_test``);
   IDX files may be gzipped (``*.gz``, as distributed) or not.
-- ``npz:PATH``: your own arrays in that layout (uint8 images become float32 in [0, 1]).
+- ``npz:PATH``: your own arrays in that layout (uint8 images become float32 in [0, 1]). Any
+  other 1-D array named ``<column>_train`` with one value per training example (e.g.
+  ``writer_id_train``) is kept as ``Dataset.columns["<column>"]``, for ``partition = "natural"``.
+- ``hf:NAME[:CONFIG]``, ``hf-disk:PATH`` or a ``datasets.Dataset`` / ``DatasetDict`` object:
+  Hugging Face data sets (:mod:`pollinate.data.hf`; ``label_column``, ``feature_columns`` and
+  ``test_fraction`` apply to these only).
 
-Images come out float32, channels first ``(N, 1, H, W)``; labels int64.
+Images come out float32, channels first ``(N, C, H, W)``; labels int64.
 """
 
 from __future__ import annotations
@@ -32,9 +37,10 @@ import os
 import tempfile
 import urllib.request
 import zlib
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -55,7 +61,11 @@ IDX_FILES = (  # (file name, array key), in the order the official sites list th
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """A labelled data set: float32 inputs, int64 labels in [0, num_classes), train and test."""
+    """A labelled data set: float32 inputs, int64 labels in [0, num_classes), train and test.
+
+    ``columns``: other per-example values of the training split by column name (a writer or
+    a hospital id, one value per training example), for ``partition = "natural"``.
+    """
 
     name: str
     x_train: np.ndarray
@@ -63,8 +73,15 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+    columns: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for column, values in self.columns.items():
+            if np.ndim(values) != 1 or len(values) != len(self.y_train):
+                raise DataError(
+                    f"data set {self.name!r}: column {column!r} has shape {np.shape(values)}; "
+                    f"expected one value per training example ({len(self.y_train)})"
+                )
         for split in ("train", "test"):
             x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
             if y.ndim != 1 or len(x) != len(y):
@@ -136,12 +153,42 @@ SOURCES: dict[str, IdxSource] = {
         },
     ),
 }
-DATASET_NAMES = ("digits", *SOURCES, "npz:PATH")
+DATASET_NAMES = ("digits", *SOURCES, "npz:PATH", "hf:NAME[:CONFIG]", "hf-disk:PATH")
 
 
-def load_dataset(spec: str, data_dir: str | Path | None = None) -> Dataset:
-    """Load the data set named by ``spec`` (see the module docstring for where files are found)."""
+def load_dataset(
+    spec: Any,
+    data_dir: str | Path | None = None,
+    *,
+    label_column: str | None = None,
+    feature_columns: Sequence[str] | None = None,
+    test_fraction: float = 0.2,
+    keep: Sequence[str] = (),
+) -> Dataset:
+    """Load the data set named by ``spec`` (see the module docstring for where files are found).
+
+    ``spec`` may also be a Hugging Face ``datasets.Dataset`` or ``DatasetDict``. The keyword
+    arguments apply to Hugging Face sources only (:func:`pollinate.data.hf.from_hf`)."""
+    hf_options: dict[str, Any] = {
+        "label_column": label_column,
+        "feature_columns": feature_columns,
+        "test_fraction": test_fraction,
+        "keep": keep,
+    }
+    if not isinstance(spec, str):
+        from pollinate.data.hf import from_hf
+
+        return from_hf(spec, **hf_options)  # type: ignore[no-any-return]
     name = spec.strip()
+    if name.startswith(("hf:", "hf-disk:")):
+        from pollinate.data.hf import load_hf
+
+        return load_hf(name, **hf_options)  # type: ignore[no-any-return]
+    if label_column or feature_columns:
+        raise ConfigError(
+            f"label_column and feature_columns choose the columns of a Hugging Face data set "
+            f"(hf:, hf-disk:); {spec!r} has fixed x and y arrays: drop them"
+        )
     if name.startswith("npz:"):
         path = Path(name[4:]).expanduser()
         return _dataset_from_arrays(path.stem, _read_npz(path), source=str(path))
@@ -152,7 +199,8 @@ def load_dataset(spec: str, data_dir: str | Path | None = None) -> Dataset:
         return _load_idx_dataset(name, data_dir)
     raise ConfigError(
         f"unknown data set {spec!r}; use one of: {', '.join(DATASET_NAMES)} "
-        "(npz:PATH reads x_train, y_train, x_test, y_test from your own .npz file)"
+        "(npz:PATH reads x_train, y_train, x_test, y_test from your own .npz file; hf:NAME "
+        "loads a Hugging Face data set)"
     )
 
 
@@ -201,7 +249,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
                     f"{path} lacks the arrays {', '.join(missing)}; it has "
                     f"{', '.join(npz.files) or 'none'} (expected {', '.join(ARRAY_KEYS)})"
                 )
-            return {key: npz[key] for key in ARRAY_KEYS}
+            return {key: npz[key] for key in npz.files}
     except DataError:
         raise
     except (OSError, ValueError, zlib.error, EOFError) as exc:
@@ -225,7 +273,15 @@ def _dataset_from_arrays(
     ys = [_to_labels(arrays[key], key, source) for key in ("y_train", "y_test")]
     if num_classes is None:
         num_classes = int(max(y.max(initial=-1) for y in ys)) + 1
-    return Dataset(name, xs[0], ys[0], xs[1], ys[1], num_classes=num_classes)
+    columns = {
+        key.removesuffix("_train"): values
+        for key, values in arrays.items()
+        if key.endswith("_train")
+        and key not in ARRAY_KEYS
+        and values.ndim == 1
+        and len(values) == len(ys[0])
+    }
+    return Dataset(name, xs[0], ys[0], xs[1], ys[1], num_classes=num_classes, columns=columns)
 
 
 def _to_inputs(x: np.ndarray, key: str, source: str) -> np.ndarray:

@@ -13,6 +13,10 @@ Every partitioner is a small frozen value with one method,
 ``Shards(k)``           pathological label skew: each client gets k label-sorted shards
 ``Quantity(alpha)``     size skew: client sizes drawn by Dirichlet(alpha), labels IID
 ======================  ==================================================================
+
+More in :mod:`pollinate.data.skew` (pathological, inner Dirichlet, linear, square and
+exponential sizes) and :mod:`pollinate.data.natural` (one client per value of a column, and
+your own function); :func:`make_partitioner` builds any of them by name.
 """
 
 from __future__ import annotations
@@ -220,16 +224,38 @@ PARTITIONERS: dict[str, type[IID | Dirichlet | Shards | Quantity]] = {
 }
 
 
+def partitioner_classes() -> dict[str, type]:
+    """Every built-in partitioner by name: the four above, then those of ``skew`` and
+    ``natural`` (imported here, as they build on this module)."""
+    from pollinate.data.natural import Natural
+    from pollinate.data.skew import Exponential, InnerDirichlet, Linear, Pathological, Square
+
+    more = (Pathological, InnerDirichlet, Linear, Square, Exponential, Natural)
+    return {**PARTITIONERS, **{p.name: p for p in more}}
+
+
 def make_partitioner(name: str, **params: Any) -> Partitioner:
-    """Build the partitioner called ``name`` (iid | dirichlet | shards | quantity) with params."""
-    cls = PARTITIONERS.get(name.strip().lower())
+    """Build the partitioner called ``name`` with ``params``: a built-in one (iid | dirichlet |
+    shards | quantity | pathological | inner_dirichlet | linear | square | exponential |
+    natural) or ``"package.module:function"`` (:class:`pollinate.data.FunctionPartitioner`)."""
+    if ":" in name:
+        from pollinate.data.natural import FunctionPartitioner
+
+        if params:
+            raise ConfigError(f"partition {name!r} (your function) takes no parameters")
+        return FunctionPartitioner.load(name.strip())
+    classes = partitioner_classes()
+    cls = classes.get(name.strip().lower())
     if cls is None:
-        raise ConfigError(f"unknown partition {name!r}; use one of: {' | '.join(PARTITIONERS)}")
+        raise ConfigError(
+            f"unknown partition {name!r}; use one of: {' | '.join(classes)}, or "
+            "'package.module:function' for your own"
+        )
     allowed = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         raise ConfigError(
-            f"partition {cls.name!r} does not take {', '.join(unknown)}; it takes "
+            f"partition {name.strip().lower()!r} does not take {', '.join(unknown)}; it takes "
             f"{', '.join(allowed) or 'no parameters'}"
         )
     partitioner: Partitioner = cls(**params)
