@@ -173,6 +173,18 @@ class CompressionSection:
 
 
 @dataclass
+class AttackSection:
+    """[attack]: simulated malicious clients, for robustness testing (simulation only;
+    ``pollinate server``/``client`` refuse it). kind none: no attack."""
+
+    kind: str = "none"  # none | sign_flip | scale | gaussian | label_flip | little_is_enough
+    fraction: float = 0.2  # of the clients (when `clients` is empty)
+    clients: list[int] = field(default_factory=list)  # explicit attacker ids
+    scale: float = 10.0  # sign_flip sends −scale·Δ, scale sends scale·Δ
+    seed: int = 0  # which clients attack
+
+
+@dataclass
 class RunConfig:
     """A whole run config."""
 
@@ -186,6 +198,7 @@ class RunConfig:
     secure_aggregation: SecureAggregationSection = field(default_factory=SecureAggregationSection)
     environment: EnvironmentSection = field(default_factory=EnvironmentSection)
     compression: CompressionSection = field(default_factory=CompressionSection)
+    attack: AttackSection = field(default_factory=AttackSection)
 
     @property
     def output_dir(self) -> Path:
@@ -218,6 +231,14 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("privacy", "accountant"): ("pld", "rdp"),
     ("compression", "uplink"): ("none", "fp16", "bf16", "qsgd", "topk"),
     ("compression", "downlink"): ("none", "fp16", "bf16"),
+    ("attack", "kind"): (
+        "none",
+        "sign_flip",
+        "scale",
+        "gaussian",
+        "label_flip",
+        "little_is_enough",
+    ),
 }
 POSITIVE = {
     ("run", "rounds"),
@@ -310,10 +331,12 @@ def _coerce(section: str, key: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{where} must be a string, got {value!r}")
         return value
     if hint == list[int]:
+        low = 0 if (section, key) == ("attack", "clients") else 1  # client ids start at 0
         if not isinstance(value, list) or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value
+            isinstance(v, int) and not isinstance(v, bool) and v >= low for v in value
         ):
-            raise ConfigError(f"{where} must be a list of positive integers, got {value!r}")
+            what = "client ids (integers >= 0)" if low == 0 else "positive integers"
+            raise ConfigError(f"{where} must be a list of {what}, got {value!r}")
         return list(value)
     if hint == list[dict[str, Any]]:  # an array of inline tables of scalars
         if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
@@ -370,6 +393,7 @@ def _check(cfg: RunConfig) -> None:
     if not cfg.run.name.strip():
         raise ConfigError("run.name must not be empty")
     _check_strategy(cfg)
+    _check_attack(cfg)
     _check_privacy(cfg.privacy)
     _check_secure(cfg)
     _check_conditions(cfg)
@@ -398,6 +422,20 @@ def _check_conditions(cfg: RunConfig) -> None:
             "may exceed the clip and be rejected; use privacy.clip_on = 'server' or no "
             "compression"
         )
+
+
+def _check_attack(cfg: RunConfig) -> None:
+    a = cfg.attack
+    if a.kind == "none":
+        return
+    if cfg.secure_aggregation.enabled:
+        raise ConfigError(
+            "[attack] with secure_aggregation: the simulated attack rewrites clients' updates, "
+            "which SecAgg+ masks; turn one of them off"
+        )
+    from pollinate.attacks import Attack
+
+    Attack.from_config(dataclasses.asdict(a), cfg.data.num_clients)  # its own checks
 
 
 def strategy_params(s: StrategySection) -> dict[str, Any]:

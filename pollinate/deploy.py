@@ -105,6 +105,15 @@ class ConnectedClients:
         return sorted(self.fleet.connected())
 
 
+def _refuse_attack(cfg: RunConfig) -> None:
+    """[attack] is for simulation: a deployment never honours it."""
+    if cfg.attack.kind != "none":
+        raise ConfigError(
+            "[attack] simulates malicious clients for pollinate run only; remove it from the "
+            "config to deploy real servers and clients"
+        )
+
+
 def serve(
     cfg: RunConfig,
     address: str,
@@ -124,6 +133,7 @@ def serve(
     from pollinate.state import ServerState
     from pollinate.transport.grpc.server import FleetServer, GrpcExecutor
 
+    _refuse_attack(cfg)
     tls = security.server_tls()
     state = ServerState.open(cfg.output_dir / "server.sqlite", cfg.to_dict(), fresh=fresh)
     try:
@@ -275,6 +285,7 @@ def config_client_fn(cfg: RunConfig, partition: int) -> ClientFn:
     """The built-in classification client for partition ``partition`` of ``cfg``'s data."""
     from pollinate.experiment import build_run
 
+    _refuse_attack(cfg)
     built = build_run(cfg)
     if not 0 <= partition < built.data.num_clients:
         raise ConfigError(

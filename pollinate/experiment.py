@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from pollinate.types import Arrays
 
 if TYPE_CHECKING:
     from pollinate.analytics.config import AnalyticsConfig
+    from pollinate.attacks import Attack
     from pollinate.privacy.secure import SecureAggregation
 
 log = logging.getLogger("pollinate")
@@ -136,6 +138,7 @@ class Run:
     strategy: Strategy
     initial_arrays: Arrays
     secure: SecureAggregation | None
+    attack: Attack | None = None  # simulation only
 
     def client_fn(self) -> ClientFn:
         """The clients' ``client_fn`` for this config's data, wrapped per [privacy] and
@@ -143,7 +146,13 @@ class Run:
         from pollinate.frameworks.torch import classification_app
         from pollinate.privacy.plan import wrap_client_fn
 
-        return wrap_client_fn(self.cfg, classification_app(self.model_fn, self.data))
+        data: Any = self.data
+        if self.attack is not None and self.attack.kind == "label_flip":
+            from pollinate.attacks import flip_labels
+
+            attackers = self.attack.attackers(self.data.num_clients)
+            data = flip_labels(self.data, attackers, self.data.num_classes)
+        return wrap_client_fn(self.cfg, classification_app(self.model_fn, data))
 
     def history(self, records: Sequence[dict[str, Any]] = ()) -> History:
         """A history for this run (the completed rounds' ``records`` when resuming)."""
@@ -162,7 +171,12 @@ def build_run(cfg: RunConfig, run_tag: str | None = None) -> Run:
     if secure is not None:  # refuse a strategy that cannot take a sum now, not in round 1
         strategy.secure_terms(1, 1, secure.max_weight)
     arrays = initial_arrays(model_fn, cfg.run.seed)
-    return Run(cfg, data, model_fn, strategy, arrays, secure)
+    attack = None
+    if cfg.attack.kind != "none":
+        from pollinate.attacks import Attack
+
+        attack = Attack.from_config(dataclasses.asdict(cfg.attack), data.num_clients)
+    return Run(cfg, data, model_fn, strategy, arrays, secure, attack)
 
 
 class _LastModel(Callback):
@@ -235,6 +249,7 @@ def run_experiment(cfg: RunConfig, quiet: bool = False, fresh: bool = False) -> 
             history=history,
             secure=run.secure,
             environment=Environment.from_config(cfg.environment, run.data.num_clients),
+            attack=run.attack,
             deadline_s=cfg.environment.deadline_s or None,
         )
     except PrivacyBudgetExceeded as exc:  # a clean stop: the completed rounds are saved

@@ -487,7 +487,7 @@ def test_a_run_config_with_an_environment_and_compression_runs_end_to_end(tmp_pa
         f"""
 [run]
 rounds = 2
-output = "{tmp_path / 'run'}"
+output = "{tmp_path / "run"}"
 deterministic = true
 [data]
 num_clients = 6

@@ -15,6 +15,7 @@ from pollinate.strategy.base import Strategy
 from pollinate.types import Arrays, ClientId, Instructions, Outcome, Task, TaskKind
 
 if TYPE_CHECKING:
+    from pollinate.attacks import Attack
     from pollinate.simulation.environment import Environment
 
 log = logging.getLogger("pollinate")
@@ -127,13 +128,16 @@ def simulate(
     start_round: int = 1,
     environment: Environment | None = None,
     deadline_s: float | None = None,
+    attack: Attack | None = None,
 ) -> RunResult:
     """Run rounds ``start_round..rounds`` of federated learning over ``num_clients`` virtual
     clients (``start_round > 1``: resuming, with ``initial_arrays`` the model after round
     ``start_round − 1``). ``environment`` (``pollinate.simulation.environment``) puts the
     clients on a virtual clock with device and network profiles: tasks are judged against
     ``deadline_s`` (default: the strategy's round timeout) in simulated time, and each
-    round's record gains its simulated time, bytes sent and per-client durations.
+    round's record gains its simulated time, bytes sent and per-client durations. ``attack``
+    (``pollinate.attacks``) makes some clients malicious, for robustness testing (label
+    flipping happens in the data: see ``pollinate.attacks.flip_labels``).
 
     ``client_fn(context)`` builds the client for one task (see ``pollinate.client``); for the
     ``process`` and ``ray`` backends it must be picklable (a module-level function or an
@@ -155,6 +159,10 @@ def simulate(
     executor: Any = SimulationExecutor(
         engine, seed=seed, cost_fn=cost_fn, state_store=state_store, deterministic=deterministic
     )
+    if attack is not None:
+        from pollinate.attacks import AttackingExecutor
+
+        executor = AttackingExecutor(executor, attack, attack.attackers(num_clients))
     if environment is not None:
         from pollinate.simulation.clock import ClockRecorder, VirtualClockExecutor
 
