@@ -500,8 +500,10 @@ round_timeout_s = 30
 [environment]
 seed = 1
 tiers = [
-  {{share = 0.5, seconds_per_example = 0.001, downlink_mbps = 50, uplink_mbps = 10, latency_ms = 30}},
-  {{share = 0.5, seconds_per_example = 0.5, downlink_mbps = 1, uplink_mbps = 0.5, latency_ms = 300}},
+  {{share = 0.5, seconds_per_example = 0.001, downlink_mbps = 50, uplink_mbps = 10,
+    latency_ms = 30}},
+  {{share = 0.5, seconds_per_example = 0.5, downlink_mbps = 1, uplink_mbps = 0.5,
+    latency_ms = 300}},
 ]
 [compression]
 uplink = "qsgd"

@@ -4,7 +4,6 @@ strategy on every simulation backend with the same result."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
