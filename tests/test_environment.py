@@ -483,6 +483,8 @@ def test_a_run_config_with_an_environment_and_compression_runs_end_to_end(tmp_pa
     from pollinate.experiment import run_experiment
 
     toml = tmp_path / "run.toml"
+    fast = "{share = 0.5, seconds_per_example = 0.001, downlink_mbps = 50, uplink_mbps = 10}"
+    slow = "{share = 0.5, seconds_per_example = 0.5, downlink_mbps = 1, uplink_mbps = 0.5}"
     toml.write_text(
         f"""
 [run]
@@ -499,12 +501,7 @@ backend = "sequential"
 round_timeout_s = 30
 [environment]
 seed = 1
-tiers = [
-  {{share = 0.5, seconds_per_example = 0.001, downlink_mbps = 50, uplink_mbps = 10,
-    latency_ms = 30}},
-  {{share = 0.5, seconds_per_example = 0.5, downlink_mbps = 1, uplink_mbps = 0.5,
-    latency_ms = 300}},
-]
+tiers = [{fast}, {slow}]
 [compression]
 uplink = "qsgd"
 bits = 4
