@@ -218,9 +218,13 @@ def test_client_killed_mid_round_then_rejoins(cluster: Cluster) -> None:
     assert "3" in history["rounds"][3]["clients"]  # back in a later round
 
 
-def test_server_killed_after_round_2_resumes(cluster: Cluster) -> None:
+@pytest.mark.parametrize("strategy", ["fedavg", "fedadam", "scaffold"])
+def test_server_killed_after_round_2_resumes(cluster: Cluster, strategy: str) -> None:
+    """The resumed run ends bit-identical to a simulation that never stopped: the global model,
+    the strategy's state (FedAdam's moments, SCAFFOLD's server variate) and the clients'
+    state (SCAFFOLD's client variates, back to their start of round 3)."""
     folder = cluster.folder
-    write_config(folder, rounds=5, clients=3)
+    write_config(folder, rounds=5, clients=3, name=strategy)
     port = free_port()
     server = cluster.start("server", *server_args(port))
     for i in range(1, 3):

@@ -220,9 +220,33 @@ class _Worker:
             log.info("client %d: state loaded from %s", client_id, store.path(client_id))
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="pollinate-task")
+        # the state at the start of each recent round, so that a round the server runs
+        # again after a restart starts from the same state (SCAFFOLD's variate …)
+        self._round_start: dict[int, dict[str, Any]] = {}
+        self._last_round = 0
+        self._rejoined = False
+
+    def _enter_round(self, config: Config) -> None:
+        """Before a task: note the state at the start of a new round, or go back to it
+        when a restarted server runs a round again (caller holds the lock)."""
+        r = config.get("round")
+        if isinstance(r, bool) or not isinstance(r, int):
+            return
+        if r > self._last_round:
+            self._round_start[r] = dict(self.state)
+            self._last_round = r
+            for old in [k for k in self._round_start if k < r - 2]:
+                del self._round_start[old]
+        elif self._rejoined and r in self._round_start:
+            log.info("client %d: round %d runs again; its state starts over", self.client_id, r)
+            self.state = dict(self._round_start[r])
+            self._last_round = r
+        self._rejoined = False
 
     def joined(self, run_id: str) -> None:
         """The server runs ``run_id``: drop state kept for another run."""
+        with self._lock:
+            self._rejoined = True
         if not run_id:
             return
         with self._lock:
@@ -259,6 +283,7 @@ class _Worker:
             return
         log.info("client %d: %s task %s", self.client_id, kind, task_id)
         with self._lock:
+            self._enter_round(config)
             task = Task(self.client_id, kind, config, state=dict(self.state))
         try:
             outcome = execute_task(self.client_fn, task, arrays, self.cache)
