@@ -122,6 +122,22 @@ class SecureAggregationSection:
 
 
 @dataclass
+class TrackingSection:
+    """[tracking]: experiment trackers that log every round (``pollinate.tracking``)."""
+
+    mlflow: bool = False
+    tensorboard: bool = False
+    wandb: bool = False
+    mlflow_uri: str = ""  # default sqlite:///<run folder>/mlflow.db
+    mlflow_experiment: str = ""  # default run.name
+    tensorboard_dir: str = ""  # default <run folder>/tensorboard
+    wandb_project: str = "pollinate"
+    wandb_mode: str = "offline"  # offline: no network (``wandb sync`` later) | online | disabled
+    wandb_dir: str = ""  # default the run folder
+    max_clients_logged: int = 20  # per-client metrics of at most this many clients (0: none)
+
+
+@dataclass
 class RunConfig:
     """A whole run config."""
 
@@ -133,6 +149,7 @@ class RunConfig:
     simulation: SimulationSection = field(default_factory=SimulationSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
     secure_aggregation: SecureAggregationSection = field(default_factory=SecureAggregationSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
 
     @property
     def output_dir(self) -> Path:
@@ -151,6 +168,7 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("privacy", "clip_on"): ("server", "client"),
     ("privacy", "sampling"): ("poisson", "fixed"),
     ("privacy", "accountant"): ("pld", "rdp"),
+    ("tracking", "wandb_mode"): ("offline", "online", "disabled"),
 }
 POSITIVE = {
     ("run", "rounds"),
@@ -183,6 +201,7 @@ NON_NEGATIVE = {
     ("privacy", "target_epsilon"),
     ("privacy", "max_epsilon"),
     ("secure_aggregation", "max_weight"),
+    ("tracking", "max_clients_logged"),
 }
 FRACTIONS = {
     ("data", "client_test_fraction"),

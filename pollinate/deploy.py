@@ -120,6 +120,7 @@ def serve(
     from pollinate.frameworks.torch import initial_arrays, torch_evaluator
     from pollinate.privacy.accounting import PrivacyBudgetExceeded
     from pollinate.state import ServerState
+    from pollinate.tracking import build_trackers
     from pollinate.transport.grpc.server import FleetServer, GrpcExecutor
 
     tls = security.server_tls()
@@ -164,6 +165,7 @@ def serve(
                 StateRecorder(state),
                 ProgressDisplay(quiet=quiet),
                 RunFolderWriter(cfg.output_dir, history, label_counts=data.label_counts()),
+                *build_trackers(cfg),  # after the RunFolderWriter: they log its files
             ]
             try:
                 result = run(

@@ -15,6 +15,7 @@ from pollinate.server import Callback, History, RunResult
 from pollinate.simulation import simulate
 from pollinate.strategy.base import Strategy
 from pollinate.strategy.fedavg import EvaluateFn, FedAvg
+from pollinate.tracking import build_trackers
 from pollinate.types import Arrays
 
 if TYPE_CHECKING:
@@ -282,6 +283,7 @@ def run_experiment(cfg: RunConfig, quiet: bool = False) -> RunResult:
         ProgressDisplay(quiet=quiet),
         RunFolderWriter(cfg.output_dir, history, label_counts=data.label_counts()),
         last,
+        *build_trackers(cfg),  # after the RunFolderWriter: they log its files at the end
     ]
     sim = cfg.simulation
     try:
