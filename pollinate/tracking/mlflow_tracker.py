@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,20 @@ _STATUS = {"finished": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
 def _key(name: str) -> str:
     """An MLflow metric name: letters, digits and ``_-. :/``; anything else becomes ``_``."""
     return re.sub(r"[^\w\-. :/]", "_", name)
+
+
+@contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    """Hold back the INFO lines of the loggers ``names`` (a new database's set-up)."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
@@ -77,7 +93,8 @@ class MLflowTracker(Tracker):
 
         if self.tracking_uri.startswith("sqlite:///"):
             Path(self.tracking_uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-        client = MlflowClient(tracking_uri=self.tracking_uri or None)
+        with _quiet("mlflow.store.db.utils", "alembic"):  # "Creating initial … tables"
+            client = MlflowClient(tracking_uri=self.tracking_uri or None)
         experiment = client.get_experiment_by_name(self.experiment)
         if experiment is not None:
             experiment_id = experiment.experiment_id

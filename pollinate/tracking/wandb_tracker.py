@@ -21,7 +21,9 @@ class WandbTracker(Tracker):
 
     ``mode = "offline"`` (the default) writes ``<dir>/wandb/offline-run-*`` and nothing goes
     over the network; ``wandb sync <that folder>`` uploads it later. ``dir`` defaults to the
-    run folder. W&B's console capture is off, so the run's own output is left alone.
+    run folder. W&B's console capture is off, so the run's own output is left alone. W&B's
+    service writes the files in the background: they are complete when the process exits, or
+    after ``wandb.teardown()``.
     """
 
     library = "Weights & Biases"
