@@ -7,6 +7,7 @@ import json
 import logging
 import shutil
 import struct
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,7 +249,10 @@ KINDS = {
 # -- one contract, every tracker --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(KINDS))
+# MLflow builds a new database's tables in seconds (tens on a busy machine), once a session
+@pytest.mark.parametrize(
+    "name", [pytest.param("mlflow", marks=pytest.mark.slow), "tensorboard", "wandb"]
+)
 def test_a_real_run_is_logged_round_by_round(
     name: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
@@ -385,6 +389,23 @@ def test_flatten_config() -> None:
 def test_a_missing_library_names_the_extra() -> None:
     with pytest.raises(MissingDependencyError, match=r"pollinate\[tracking\]"):
         require("no_such_tracking_library_xyz")
+
+
+@pytest.mark.parametrize(
+    ("module", "package", "key"),
+    [
+        ("mlflow", "mlflow-skinny", "mlflow"),
+        ("tensorboard", "tensorboard", "tensorboard"),
+        ("wandb", "wandb", "wandb"),
+    ],
+)
+def test_a_tracker_turned_on_without_its_library_fails_before_the_run(
+    module: str, package: str, key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, module, None)  # as if it were not installed
+    cfg = load(overrides=[f"run.output={tmp_path}", f"tracking.{key}=true"])
+    with pytest.raises(MissingDependencyError, match=rf"{package} is not installed.*tracking"):
+        build_trackers(cfg)
 
 
 # -- failures never stop the run --------------------------------------------------------------
