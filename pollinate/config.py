@@ -185,6 +185,22 @@ class AttackSection:
 
 
 @dataclass
+class TrackingSection:
+    """[tracking]: experiment trackers that log every round (``pollinate.tracking``)."""
+
+    mlflow: bool = False
+    tensorboard: bool = False
+    wandb: bool = False
+    mlflow_uri: str = ""  # default sqlite:///<run folder>/mlflow.db
+    mlflow_experiment: str = ""  # default run.name
+    tensorboard_dir: str = ""  # default <run folder>/tensorboard
+    wandb_project: str = "pollinate"
+    wandb_mode: str = "offline"  # offline: no network (``wandb sync`` later) | online | disabled
+    wandb_dir: str = ""  # default the run folder
+    max_clients_logged: int = 20  # per-client metrics of at most this many clients (0: none)
+
+
+@dataclass
 class RunConfig:
     """A whole run config."""
 
@@ -199,6 +215,7 @@ class RunConfig:
     environment: EnvironmentSection = field(default_factory=EnvironmentSection)
     compression: CompressionSection = field(default_factory=CompressionSection)
     attack: AttackSection = field(default_factory=AttackSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
 
     @property
     def output_dir(self) -> Path:
@@ -239,6 +256,7 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
         "label_flip",
         "little_is_enough",
     ),
+    ("tracking", "wandb_mode"): ("offline", "online", "disabled"),
 }
 POSITIVE = {
     ("run", "rounds"),
@@ -281,6 +299,7 @@ NON_NEGATIVE = {
     ("privacy", "max_epsilon"),
     ("secure_aggregation", "max_weight"),
     ("environment", "deadline_s"),
+    ("tracking", "max_clients_logged"),
 }
 FRACTIONS = {
     ("data", "client_test_fraction"),

@@ -131,6 +131,7 @@ def serve(
     from pollinate.experiment import build_run
     from pollinate.privacy.accounting import PrivacyBudgetExceeded
     from pollinate.state import ServerState
+    from pollinate.tracking import build_trackers
     from pollinate.transport.grpc.server import FleetServer, GrpcExecutor
 
     _refuse_attack(cfg)
@@ -177,6 +178,7 @@ def serve(
                 StateRecorder(state, strategy),
                 ProgressDisplay(quiet=quiet),
                 RunFolderWriter(cfg.output_dir, history, label_counts=data.label_counts()),
+                *build_trackers(cfg),  # after the RunFolderWriter: they log its files
             ]
             try:
                 result = run(

@@ -16,6 +16,7 @@ from pollinate.server import Callback, History, RunResult
 from pollinate.simulation import simulate
 from pollinate.strategy.base import Strategy
 from pollinate.strategy.fedavg import EvaluateFn
+from pollinate.tracking import build_trackers
 from pollinate.types import Arrays
 
 if TYPE_CHECKING:
@@ -227,6 +228,7 @@ def run_experiment(cfg: RunConfig, quiet: bool = False, fresh: bool = False) -> 
             folder, history, label_counts=run.data.label_counts(), strategy=run.strategy
         ),
         last,
+        *build_trackers(cfg),  # after the RunFolderWriter: they log its files at the end
     ]
     sim = cfg.simulation
     try:
