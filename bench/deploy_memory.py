@@ -131,7 +131,8 @@ def server_main(clients: int, rounds: int, params: int, result_memory_mib: int) 
         "127.0.0.1:0",
         heartbeat_s=5.0,
         run_id="bench",
-        max_connections=clients + 50,
+        max_streams=clients + 50,
+        max_unregistered=clients + 50,  # all clients connect at once here
         result_memory_bytes=result_memory_mib << 20,
     ).start()
     try:

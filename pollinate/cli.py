@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_RESULT_MEMORY_BYTES >> 20,
         help="client results held in memory at once; past it clients wait (default 256)",
     )
+    _limit_args(server)
     server.add_argument(
         "--grpc-option",
         action="append",
@@ -163,9 +164,82 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="show a running server's clients and progress")
     status.add_argument("address", help="the server's HOST:PORT")
-    _security_args(status, "ca.crt")
+    _security_args(status, "ca.crt and client-<id>.key")
     status.add_argument("--ca", help="CA certificate of the server (default CERTS/ca.crt)")
+    status.add_argument(
+        "--client-id",
+        type=int,
+        help="sign the request as this allow-listed client: a server with an allow-list shows "
+        "its clients and tasks only then (default: counts only)",
+    )
+    status.add_argument("--key", help="that client's signing key (default CERTS/client-<id>.key)")
     return parser
+
+
+def _limit_args(server: argparse.ArgumentParser) -> None:
+    """``pollinate server``'s bounds on what one client may take (see README, Deployment)."""
+    from pollinate.limits import DEFAULT_MAX_METRICS_BYTES, DEFAULT_MAX_METRICS_KEYS
+    from pollinate.transport import (
+        DEFAULT_MAX_STREAMS,
+        DEFAULT_MAX_UNREGISTERED,
+        DEFAULT_MIN_RESULT_BYTES,
+        DEFAULT_REGISTER_TIMEOUT_S,
+        DEFAULT_RESULT_SIZE_FACTOR,
+        DEFAULT_STALL_S,
+    )
+
+    add = server.add_argument
+    add(
+        "--result-size-factor",
+        type=float,
+        default=DEFAULT_RESULT_SIZE_FACTOR,
+        help="a client's result may take this many times the model sent to it "
+        f"(default {DEFAULT_RESULT_SIZE_FACTOR:g}) ...",
+    )
+    add(
+        "--min-result-mib",
+        type=int,
+        default=DEFAULT_MIN_RESULT_BYTES >> 20,
+        help=f"... and at least this many MiB (default {DEFAULT_MIN_RESULT_BYTES >> 20})",
+    )
+    add(
+        "--stall-s",
+        type=float,
+        default=DEFAULT_STALL_S,
+        help="a client whose result stops arriving for this long is dropped "
+        f"(default {DEFAULT_STALL_S:g})",
+    )
+    add(
+        "--max-streams",
+        type=int,
+        default=DEFAULT_MAX_STREAMS,
+        help=f"client connections open at once (default {DEFAULT_MAX_STREAMS})",
+    )
+    add(
+        "--max-unregistered",
+        type=int,
+        default=DEFAULT_MAX_UNREGISTERED,
+        help="connections that have not registered yet; more are refused and retry "
+        f"(default {DEFAULT_MAX_UNREGISTERED})",
+    )
+    add(
+        "--register-timeout-s",
+        type=float,
+        default=DEFAULT_REGISTER_TIMEOUT_S,
+        help=f"a connection must register within this (default {DEFAULT_REGISTER_TIMEOUT_S:g})",
+    )
+    add(
+        "--max-metrics-keys",
+        type=int,
+        default=DEFAULT_MAX_METRICS_KEYS,
+        help=f"metrics per result (default {DEFAULT_MAX_METRICS_KEYS})",
+    )
+    add(
+        "--max-metrics-kib",
+        type=int,
+        default=DEFAULT_MAX_METRICS_BYTES >> 10,
+        help=f"KiB of metrics per result, as JSON (default {DEFAULT_MAX_METRICS_BYTES >> 10})",
+    )
 
 
 def _security_args(parser: argparse.ArgumentParser, holds: str) -> None:
@@ -330,6 +404,21 @@ def _transport_args(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"--heartbeat-s must be > 0, got {args.heartbeat_s}")
     if args.result_memory_mib < 1:
         raise ConfigError(f"--result-memory-mib must be >= 1, got {args.result_memory_mib}")
+    for flag in ("stall_s", "register_timeout_s"):
+        value = getattr(args, flag)
+        if not 0 < value < float("inf"):
+            raise ConfigError(f"--{flag.replace('_', '-')} must be > 0, got {value}")
+    if not 1 <= args.result_size_factor < float("inf"):
+        raise ConfigError(f"--result-size-factor must be >= 1, got {args.result_size_factor}")
+    for flag in (
+        "min_result_mib",
+        "max_streams",
+        "max_unregistered",
+        "max_metrics_keys",
+        "max_metrics_kib",
+    ):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     options: list[tuple[str, int | str]] = []
     for item in args.grpc_option:
         key, sep, value = item.partition("=")
@@ -343,6 +432,14 @@ def _transport_args(args: argparse.Namespace) -> dict[str, Any]:
         "heartbeat_s": args.heartbeat_s,
         "result_memory_bytes": args.result_memory_mib << 20,
         "grpc_options": options,
+        "stall_s": args.stall_s,
+        "max_streams": args.max_streams,
+        "max_unregistered": args.max_unregistered,
+        "register_timeout_s": args.register_timeout_s,
+        "max_metrics_keys": args.max_metrics_keys,
+        "max_metrics_bytes": args.max_metrics_kib << 10,
+        "result_size_factor": args.result_size_factor,
+        "min_result_bytes": args.min_result_mib << 20,
     }
 
 
@@ -404,16 +501,27 @@ def _analytics_client(args: argparse.Namespace, client_id: int) -> Any:
 def _cmd_status(args: argparse.Namespace) -> int:
     from pollinate.deploy import Security, fetch_status
 
-    security = Security(ca=_path(args.ca, args.certs, "ca.crt"), insecure=args.insecure)
-    status = fetch_status(args.address, security)
-    connected = status.pop("connected", [])
-    status.pop("clients", None)
+    key = None
+    if args.client_id is not None:
+        key = _path(args.key, args.certs, f"client-{args.client_id}.key")
+        if key is None:
+            raise ConfigError("--client-id needs --key KEY or --certs DIR (its client-<id>.key)")
+    elif args.key:
+        raise ConfigError("--key needs --client-id N: the allow-listed id the key belongs to")
+    security = Security(ca=_path(args.ca, args.certs, "ca.crt"), key=key, insecure=args.insecure)
+    status = fetch_status(args.address, security, client_id=args.client_id)
+    connected = status.pop("connected", None)
+    count = status.pop("clients", len(connected or []))
+    details = status.pop("details", None)
+    status.pop("authenticated", None)
     status.pop("checked_at", None)
-    for key, value in status.items():
-        print(f"{key}: {value}")
-    print(f"clients connected: {len(connected)}")
+    for name, value in status.items():
+        print(f"{name}: {value}")
+    print(f"clients connected: {count}")
     if connected:
         print("  " + " ".join(str(c) for c in connected))
+    if details is not None:
+        print(f"(counts only: {details})")
     return 0
 
 

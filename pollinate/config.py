@@ -342,7 +342,7 @@ def _coerce(section: str, key: str, value: Any, hint: Any) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number, got {value!r}")
-        if not math.isfinite(value):
+        if not math.isfinite(value):  # nan passes every comparison check below it
             raise ConfigError(f"{where} must be a finite number, got {value!r}")
         return float(value)
     if hint is str:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import sys
 import threading
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,13 +21,14 @@ from pollinate.client import ClientFn
 from pollinate.config import RunConfig
 from pollinate.errors import ConfigError
 from pollinate.server import Callback, RunResult, run
-from pollinate.transport import DEFAULT_RESULT_MEMORY_BYTES
 from pollinate.types import Arrays, ClientId
 
 if TYPE_CHECKING:
     from pollinate.analytics.config import AnalyticsConfig
 
 log = logging.getLogger("pollinate")
+
+MAX_STATUS_CHARS = 2000  # a failed run's status keeps this much of the reason
 
 
 @dataclass(frozen=True)
@@ -121,21 +122,43 @@ def serve(
     *,
     fresh: bool = False,
     quiet: bool = False,
-    heartbeat_s: float = 2.0,
-    result_memory_bytes: int = DEFAULT_RESULT_MEMORY_BYTES,
-    grpc_options: Sequence[tuple[str, Any]] = (),
     ready: threading.Event | None = None,
+    **transport: Any,
 ) -> RunResult:
-    """Run ``cfg``'s rounds over the clients that connect to ``address`` (the transport
-    settings are ``FleetServer``'s)."""
+    """Run ``cfg``'s rounds over the clients that connect to ``address``.
+
+    ``transport``: ``FleetServer``'s settings (``heartbeat_s``, ``result_memory_bytes``,
+    ``stall_s``, ``max_streams``, ``max_metrics_keys`` ...) and ``GrpcExecutor``'s
+    (``result_size_factor``, ``min_result_bytes``). The run folder is locked
+    (:class:`~pollinate.runlock.RunLock`) while the server runs: a second server on it is
+    refused. A round that fails (too few clients answered, an error) leaves the completed
+    rounds saved, the status ``failed: <reason>`` in the state, and the same command resumes.
+    """
+    from pollinate.runlock import RunLock
+
+    _refuse_attack(cfg)
+    tls = security.server_tls()
+    with RunLock(cfg.output_dir):
+        return _serve(cfg, address, security, tls, fresh, quiet, ready, transport)
+
+
+def _serve(
+    cfg: RunConfig,
+    address: str,
+    security: Security,
+    tls: tuple[bytes, bytes] | None,
+    fresh: bool,
+    quiet: bool,
+    ready: threading.Event | None,
+    transport: dict[str, Any],
+) -> RunResult:
     from pollinate.experiment import build_run
     from pollinate.privacy.accounting import PrivacyBudgetExceeded
     from pollinate.state import ServerState
     from pollinate.tracking import build_trackers
     from pollinate.transport.grpc.server import FleetServer, GrpcExecutor
 
-    _refuse_attack(cfg)
-    tls = security.server_tls()
+    fleet_kw, executor_kw = _split_transport(transport)
     state = ServerState.open(cfg.output_dir / "server.sqlite", cfg.to_dict(), fresh=fresh)
     try:
         last, saved, records = state.load_latest()
@@ -154,15 +177,17 @@ def serve(
             )
             RunFolderWriter(cfg.output_dir, history).on_run_end(history, None)
             return RunResult(history, arrays)
+        previous = state.status
+        if previous != "running":  # resuming after a failure or a stop: say so, then run
+            log.warning("run %s was %s; resuming after round %d", state.run_id[:8], previous, last)
+            state.set_status("running")
         fleet = FleetServer(
             address,
             tls=tls,
             verifier=security.verifier(seen_nonce=state.seen_nonce),
             run_id=state.run_id,
-            heartbeat_s=heartbeat_s,
-            result_memory_bytes=result_memory_bytes,
-            grpc_options=grpc_options,
             on_register=lambda cid, key: state.upsert_client(cid, key, replace_key=True),
+            **fleet_kw,
         )
         fleet.start()
         try:
@@ -180,10 +205,13 @@ def serve(
                 RunFolderWriter(cfg.output_dir, history, label_counts=data.label_counts()),
                 *build_trackers(cfg),  # after the RunFolderWriter: they log its files
             ]
+            executor = GrpcExecutor(
+                fleet, seed=cfg.run.seed, deterministic=cfg.run.deterministic, **executor_kw
+            )
             try:
                 result = run(
                     strategy,
-                    GrpcExecutor(fleet, seed=cfg.run.seed, deterministic=cfg.run.deterministic),
+                    executor,
                     ConnectedClients(fleet, cfg.strategy.min_available_clients, quiet),
                     arrays,
                     cfg.run.rounds,
@@ -198,6 +226,9 @@ def serve(
                 fleet.stop(finished=f"the run stopped: {exc}")
                 _, saved, _ = state.load_latest()
                 return RunResult(history, saved if saved is not None else arrays)
+            except BaseException as exc:
+                _record_failure(state, cfg, exc)
+                raise
             state.set_status("finished")
             fleet.stop(finished=f"the run finished all {cfg.run.rounds} rounds")
             return result
@@ -207,49 +238,76 @@ def serve(
         state.close()
 
 
+def _record_failure(state: Any, cfg: RunConfig, exc: BaseException) -> None:
+    """Record why the run stopped (status ``failed: ...`` or ``stopped: ...``) and say how to
+    resume it; the rounds completed so far stay saved."""
+    done = state.last_round()
+    failed = isinstance(exc, Exception)
+    why = (f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__).strip()
+    why = why if len(why) <= MAX_STATUS_CHARS else why[: MAX_STATUS_CHARS - 3] + "..."
+    status = f"{'failed' if failed else 'stopped'} in round {done + 1}: {why}"
+    try:
+        state.set_status(status)
+    except Exception:  # the state itself may be what failed; the message still goes out
+        log.exception("could not record the run's status in %s", state.path)
+    print(
+        f"pollinate server {state.run_id[:8]}: {status}. Rounds 1-{done} are saved in "
+        f"{cfg.output_dir}; run the same command again to resume after round {done}.",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+_EXECUTOR_SETTINGS = ("result_size_factor", "min_result_bytes")
+
+
+def _split_transport(transport: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``serve``'s transport keywords: (FleetServer's, GrpcExecutor's)."""
+    executor = {k: v for k, v in transport.items() if k in _EXECUTOR_SETTINGS}
+    fleet = {k: v for k, v in transport.items() if k not in _EXECUTOR_SETTINGS}
+    return fleet, executor
+
+
 def serve_analytics(
     cfg: AnalyticsConfig,
     address: str,
     security: Security,
     *,
     quiet: bool = False,
-    heartbeat_s: float = 2.0,
-    result_memory_bytes: int = DEFAULT_RESULT_MEMORY_BYTES,
-    grpc_options: Sequence[tuple[str, Any]] = (),
+    **transport: Any,
 ) -> list[dict[str, Any]]:
     """Answer an analytics config's queries over the clients that connect to ``address``
     (once ``data.num_clients`` of them are connected); writes the same outputs as
-    ``pollinate analyze``."""
+    ``pollinate analyze``. ``transport``: as in :func:`serve`."""
     import secrets
 
     from pollinate.analytics.session import make_runner, run_queries, write_outputs
+    from pollinate.runlock import RunLock
     from pollinate.transport.grpc.server import FleetServer, GrpcExecutor
 
+    fleet_kw, executor_kw = _split_transport(transport)
     run_id = secrets.token_hex(8)
-    fleet = FleetServer(
-        address,
-        tls=security.server_tls(),
-        verifier=security.verifier(),
-        run_id=run_id,
-        heartbeat_s=heartbeat_s,
-        result_memory_bytes=result_memory_bytes,
-        grpc_options=grpc_options,
-    )
-    fleet.start()
-    try:
-        print(
-            f"pollinate analytics server {run_id[:8]} listening on {fleet.address}; "
-            f"waiting for {cfg.data.num_clients} clients",
-            flush=True,
+    tls = security.server_tls()
+    with RunLock(cfg.output_dir):
+        fleet = FleetServer(
+            address, tls=tls, verifier=security.verifier(), run_id=run_id, **fleet_kw
         )
-        clients = ConnectedClients(fleet, cfg.data.num_clients, quiet)()
-        executor = GrpcExecutor(fleet, seed=cfg.run.seed, deterministic=True)
-        answers = run_queries(cfg, make_runner(cfg, executor, run_tag=run_id), clients, quiet)
-        write_outputs(cfg, answers)
-        fleet.stop(finished=f"the analytics session answered its {len(answers)} queries")
-        return answers
-    finally:
-        fleet.stop()
+        fleet.start()
+        try:
+            print(
+                f"pollinate analytics server {run_id[:8]} listening on {fleet.address}; "
+                f"waiting for {cfg.data.num_clients} clients",
+                flush=True,
+            )
+            clients = ConnectedClients(fleet, cfg.data.num_clients, quiet)()
+            executor = GrpcExecutor(fleet, seed=cfg.run.seed, deterministic=True, **executor_kw)
+            runner = make_runner(cfg, executor, run_tag=run_id)
+            answers = run_queries(cfg, runner, clients, quiet)
+            write_outputs(cfg, answers)
+            fleet.stop(finished=f"the analytics session answered its {len(answers)} queries")
+            return answers
+        finally:
+            fleet.stop()
 
 
 def analytics_client_fn(cfg: AnalyticsConfig, partition: int, client_id: int) -> ClientFn:
@@ -335,8 +393,14 @@ def connect(
     )
 
 
-def fetch_status(address: str, security: Security, timeout_s: float = 10.0) -> dict[str, Any]:
-    """Ask a running server for its status (connected clients, round, tasks in flight)."""
+def fetch_status(
+    address: str, security: Security, timeout_s: float = 10.0, client_id: int | None = None
+) -> dict[str, Any]:
+    """Ask a running server for its status (connected clients, round, tasks in flight).
+
+    A server with an allow-list gives the full status only to a request signed with a listed
+    client's key (``security.key``, as ``client_id``); otherwise counts."""
+    from pollinate.transport.grpc.auth import load_private_key
     from pollinate.transport.grpc.client import fetch_status as fetch
 
     ca = None
@@ -344,4 +408,5 @@ def fetch_status(address: str, security: Security, timeout_s: float = 10.0) -> d
         ca = security.read(security.ca, "CA certificate")
         if ca is None:
             raise ConfigError("pass --ca (or --certs DIR) to check the server, or --insecure")
-    return fetch(address, ca_cert_pem=ca, timeout_s=timeout_s)
+    key = load_private_key(security.key) if security.key is not None else None
+    return fetch(address, ca_cert_pem=ca, timeout_s=timeout_s, private_key=key, client_id=client_id)

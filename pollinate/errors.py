@@ -4,6 +4,7 @@ Every error derives from one root, so ``except PollinateError`` catches them all
 
     PollinateError
     ├── ConfigError            a run config or argument is invalid (names the key and the fix)
+    │   └── RunFolderLocked    another live process writes this run folder (pollinate.runlock)
     ├── DataError              a data set is missing, corrupt, or cannot be partitioned as asked
     ├── SerializationError     bytes that are not a valid Arrays payload (truncated, oversized, …)
     ├── UpdateRejected         a client's update has the wrong shapes/dtypes or non-finite values

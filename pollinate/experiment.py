@@ -197,13 +197,25 @@ def run_experiment(cfg: RunConfig, quiet: bool = False, fresh: bool = False) -> 
     completed round; one holding a run of another config is refused (``ConfigError`` naming
     the differences); ``fresh`` moves an old run folder aside first.
     """
+    from pollinate.runlock import RunLock
+
+    folder = cfg.output_dir
+    if fresh and folder.exists():
+        from pollinate.resume import move_aside
+
+        with RunLock(folder):  # refused while another process writes it
+            pass
+        log.warning("moved the old run folder aside to %s", move_aside(folder))
+    with RunLock(folder):  # one writer per run folder (a server, or another simulation)
+        return _run_experiment(cfg, quiet)
+
+
+def _run_experiment(cfg: RunConfig, quiet: bool) -> RunResult:
     from pollinate.privacy.accounting import PrivacyBudgetExceeded
-    from pollinate.resume import CLIENT_STATE, FileStateStore, move_aside, resume_point
+    from pollinate.resume import CLIENT_STATE, FileStateStore, resume_point
     from pollinate.simulation.environment import Environment
 
     folder = cfg.output_dir
-    if fresh and (moved := move_aside(folder)) is not None:
-        log.info("moved the old run folder aside to %s", moved)
     prior = resume_point(folder, cfg.to_dict())
     run = build_run(cfg)
     history = run.history(prior.records if prior else ())

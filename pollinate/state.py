@@ -43,6 +43,8 @@ log = logging.getLogger("pollinate")
 
 SCHEMA_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
+BACKUP_PREFIX = "previous-"  # --fresh moves an earlier run into <folder>/previous-<time>/
+RUN_MARKERS = ("history.json",)  # files that say a folder holds a run
 NONCE_PRUNE_INTERVAL_S = 60.0
 
 _SCHEMA = """
@@ -164,9 +166,11 @@ class ServerState:
         """Create the state file at ``path`` or resume the run stored there.
 
         Resuming with a config other than the stored one raises StateError naming the keys
-        that differ. ``fresh=True`` moves an existing state file (and its round checkpoints)
-        aside to ``<name>.<timestamp>.bak`` and starts a new run. ``keep_checkpoints``: how
-        many of the latest round checkpoints to keep (None: all).
+        that differ. A state file that is missing or empty while the folder holds an earlier
+        run (``history.json`` or round checkpoints) is refused too: starting a new run there
+        would mix the two. ``fresh=True`` moves the whole earlier run in the folder aside
+        (see :func:`move_aside`) and starts a new one. ``keep_checkpoints``: how many of the
+        latest round checkpoints to keep (None: all).
         """
         if keep_checkpoints is not None and keep_checkpoints < 1:
             raise ConfigError(
@@ -180,6 +184,8 @@ class ServerState:
         db.parent.mkdir(parents=True, exist_ok=True)
         if fresh:
             move_aside(db)
+        else:
+            _refuse_orphaned_run(db)
         try:
             conn = sqlite3.connect(db, timeout=30.0, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
@@ -189,8 +195,9 @@ class ServerState:
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise StateError(
-                f"{db} is not a pollinate server state file or is damaged ({exc}); move it "
-                "away, or start a new run with --fresh (the old file is kept as a .bak)"
+                f"{db} is not a pollinate server state file or is damaged ({exc}); restore it "
+                "from a backup, or start a new run with --fresh (which moves the old run's "
+                f"files to {BACKUP_PREFIX}<time>/ in the run folder)"
             ) from exc
         except BaseException:
             conn.close()
@@ -494,7 +501,7 @@ def _mismatch_message(db: Path, run_id: str, rounds: int, stored: str, given: st
         "different config: "
         f"top-level keys that differ: {', '.join(top)} ({shown}). To resume it, start with the "
         "config it was started with; to start a new run, set a new run.output folder or pass "
-        "--fresh (the old state is kept as a .bak file)"
+        f"--fresh (the old run's files are moved to {BACKUP_PREFIX}<time>/ in the folder)"
     )
 
 
@@ -520,15 +527,38 @@ def _check_arrays(arrays: Arrays, round_number: int) -> None:
             )
 
 
-def move_aside(db: Path) -> Path | None:
-    """Move a state file (and its WAL files and round checkpoints) aside; return the backup.
+def _refuse_orphaned_run(db: Path) -> None:
+    """StateError if ``db`` is missing or empty while its folder holds an earlier run."""
+    wal = db.with_name(db.name + "-wal")
+    if db.exists() and db.stat().st_size > 0:
+        return
+    if wal.exists() and wal.stat().st_size > 0:
+        return  # SQLite recovers the pages from the WAL
+    checkpoints = db.parent / CHECKPOINT_DIR
+    found = [name for name in RUN_MARKERS if (db.parent / name).is_file()]
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):
+        found.append(f"{CHECKPOINT_DIR}/")
+    if not found:
+        return
+    what = "is empty" if db.exists() else "is missing"
+    raise StateError(
+        f"the server state {db} {what}, but {db.parent} holds an earlier run "
+        f"({', '.join(found)}): starting a new run over it would mix the two runs' rounds and "
+        "checkpoints. Restore the state file from a backup to resume that run, or pass "
+        f"--fresh to move the old run's files aside (to {BACKUP_PREFIX}<time>/ in the folder) "
+        "and start a new one"
+    )
 
-    The database becomes ``<name>.<timestamp>.bak`` and its ``checkpoints/round-*.npz``
-    files move to ``checkpoints.<timestamp>.bak/`` next to it; nothing is deleted.
+
+def move_aside(db: Path) -> Path | None:
+    """Move the whole earlier run in ``db``'s folder aside; return where it went (None: no run).
+
+    Every file and folder of the run folder moves into ``<folder>/previous-<timestamp>/``: the
+    state file and its WAL files, the checkpoints, ``history.json``, metrics, plots and the
+    report. Only hidden entries (the run lock ``.lock``) and earlier ``previous-*`` folders
+    stay. Nothing is deleted.
     """
-    sidecars = [db.with_name(db.name + s) for s in ("", "-wal", "-shm")]
-    if not any(p.exists() for p in sidecars):
-        return None
+    folder = db.parent
     if db.exists():  # fold the WAL into the file so the backup is one self-contained file
         try:
             conn = sqlite3.connect(db, timeout=30.0)
@@ -536,24 +566,19 @@ def move_aside(db: Path) -> Path | None:
             conn.close()
         except sqlite3.Error:
             pass  # damaged: move the files as they are
+    if not folder.is_dir():
+        return None
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith((".", BACKUP_PREFIX)))
+    if not entries:
+        return None
     stamp = time.strftime("%Y%m%d-%H%M%S")
     suffix, n = stamp, 1
-    while (
-        db.with_name(f"{db.name}.{suffix}.bak").exists()
-        or (db.parent / f"{CHECKPOINT_DIR}.{suffix}.bak").exists()
-    ):
+    while (folder / f"{BACKUP_PREFIX}{suffix}").exists():
         suffix, n = f"{stamp}-{n}", n + 1
-    backup = db.with_name(f"{db.name}.{suffix}.bak")
-    for source in sidecars:
-        if source.exists():
-            os.replace(source, backup.with_name(backup.name + source.name[len(db.name) :]))
-    rounds = sorted((db.parent / CHECKPOINT_DIR).glob("round-*.npz*"))
-    if rounds:
-        target = db.parent / f"{CHECKPOINT_DIR}.{suffix}.bak"
-        target.mkdir()
-        for file in rounds:
-            os.replace(file, target / file.name)
-        log.warning("moved old server state to %s and its checkpoints to %s", backup, target)
-    else:
-        log.warning("moved old server state to %s", backup)
-    return backup
+    target = folder / f"{BACKUP_PREFIX}{suffix}"
+    target.mkdir()
+    for entry in entries:
+        if entry.exists() or entry.is_symlink():
+            os.replace(entry, target / entry.name)
+    log.warning("moved the earlier run in %s aside to %s", folder, target)
+    return target

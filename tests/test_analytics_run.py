@@ -174,6 +174,14 @@ def test_a_table_client_refuses_malformed_queries() -> None:
     assert isinstance(res, QueryRes) and res.arrays[0][0] == len(demo_tables()[0])
 
 
+def test_non_finite_numbers_in_an_analytics_config_are_refused() -> None:
+    from pollinate.errors import ConfigError
+
+    for override, key in (("privacy.delta=nan", "privacy.delta"), ("data.alpha=inf", "data.alpha")):
+        with pytest.raises(ConfigError, match=f"{key} must be a finite number"):
+            load_analytics(DEMO, [override])
+
+
 def test_analyze_writes_answers_and_plots(tmp_path: Path) -> None:
     cfg = load_analytics(DEMO, [f"run.output={tmp_path / 'out'}"])
     answers = run_analytics(cfg, quiet=True)

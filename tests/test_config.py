@@ -62,6 +62,10 @@ def test_int_where_float_expected_is_accepted():
         ("strategy.min_available_clients=50", "exceeds data.num_clients"),
         ("model.hidden=[0]", "list of positive integers"),
         ("model.hidden=64", "list of positive integers"),
+        ("train.lr=nan", "train.lr must be a finite number, got nan"),
+        ("train.momentum=inf", "train.momentum must be a finite number, got inf"),
+        ("strategy.round_timeout_s=-inf", "round_timeout_s must be a finite number"),
+        ("privacy.clip=nan", "privacy.clip must be a finite number"),
     ],
 )
 def test_bad_values_are_named(override, message):

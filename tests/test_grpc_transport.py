@@ -8,6 +8,7 @@ Every test stops the servers, clients and processes it starts.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import queue
@@ -432,20 +433,29 @@ def test_result_memory_bound_holds_clients_back_until_the_consumer_catches_up(st
         time.sleep(0.01)
 
 
-def test_result_memory_lets_one_oversized_result_through_alone() -> None:
+def test_result_memory_lets_a_result_in_beside_any_one_other() -> None:
     memory = ResultMemory(100)
     big = memory.hold(250, lambda: True)  # alone: let in though past the bound
     assert big is not None and memory.held == 250
-    asked = []
-    assert memory.hold(10, lambda: asked.append(1) or False) is None  # closed while waiting
+    asked: list[int] = []
+    assert memory.hold(10, lambda: asked.append(1) or False) is None  # closed meanwhile
     assert asked and memory.held == 250
+    # one holder, however large (or stuck), never holds the next result back ...
+    beside = memory.hold(60, lambda: True)
+    assert beside is not None and memory.held == 310 and memory.count == 2
+    # ... but a third waits until the bound has room again
     got: list[Any] = []
-    waiter = threading.Thread(target=lambda: got.append(memory.hold(60, lambda: True)))
+    waiter = threading.Thread(target=lambda: got.append(memory.hold(30, lambda: True)))
     waiter.start()
+    deadline = time.monotonic() + WAIT
+    while memory.waits == 0:  # it counts itself as waiting before it waits
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert waiter.is_alive() and not got
     big.release()
     big.release()  # idempotent
     waiter.join(WAIT)
-    assert got[0] is not None and memory.held == 60 and memory.peak == 250
+    assert got[0] is not None and memory.held == 90 and memory.peak == 310
     with pytest.raises(ConfigError, match="result_memory_bytes"):
         ResultMemory(0)
 
@@ -858,6 +868,247 @@ def test_reconnect_replaces_the_old_stream_only_when_authenticated(started, keys
     task, _ = new.take_task()  # the task goes to the new stream
     thread.join(WAIT)
     assert results[0].error is not None and results[0].error.startswith("timeout")
+
+
+# ------------------------------------------------------- one client cannot stop or take a run
+
+
+class Heartbeats:
+    """Keeps a raw stream alive with heartbeats (a client that is there but sends nothing)."""
+
+    def __init__(self, raw: RawStream) -> None:
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, args=(raw,), daemon=True)
+        self.thread.start()
+
+    def _beat(self, raw: RawStream) -> None:
+        while not self.stop.wait(0.1):
+            raw.send(heartbeat=pb.Heartbeat())
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(WAIT)
+
+
+def signed_result(key: Ed25519PrivateKey, cid: int, **fields: Any) -> pb.Result:
+    res = pb.Result(ok=True, num_examples=1, **fields)
+    res.signed.CopyFrom(to_signed(sign(key, "result", cid, result_digest(res))))
+    return res
+
+
+def until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_a_declared_result_beyond_the_round_bound_is_refused_before_memory_is_held(
+    started, keys
+) -> None:
+    fleet = serve(started, verifier=verifier_for(keys, ids=(0, 1, 2)), result_memory_bytes=1 << 20)
+    gate = threading.Event()
+    for cid in (0, 1):
+        started(
+            ClientThread(fleet.address, lambda ctx: GateClient(gate), cid, private_key=keys[cid])
+        )
+    attacker = started(RawStream(fleet.address))
+    assert attacker.register(2, keys[2]).WhichOneof("body") == "welcome"
+    wait_connected(fleet, [0, 1, 2])
+    executor = GrpcExecutor(fleet)
+    thread, results = submit_in_background(executor, train_plan([0, 1, 2]), timeout_s=WAIT)
+    task, data = attacker.take_task()
+    expected = executor.expected_result_bytes(len(data))
+    assert task.max_result_bytes == expected == 8 << 20  # a small model: the floor
+    # an allow-listed client signs a header declaring 300 MiB, then sends nothing
+    claim = signed_result(
+        keys[2], 2, task_id=task.task_id, payload_size=300 << 20, payload_sha256=bytes(32)
+    )
+    attacker.send(result=claim)
+    beats = Heartbeats(attacker)  # ... only heartbeats, so it never looks silent
+    try:
+        reason = attacker.expect_reject()
+    finally:
+        beats.close()
+    assert "exceeds the limit of 8388608 bytes for this task" in reason, reason
+    assert fleet.result_memory.peak == 0  # nothing was reserved for the claim
+    gate.set()
+    thread.join(WAIT)
+    outcomes = by_id(iter(results))
+    assert outcomes[0].ok and outcomes[1].ok
+    assert "exceeds the limit" in (outcomes[2].error or "")
+    assert fleet.connected() == [0, 1]
+
+
+def test_a_result_whose_bytes_stop_is_failed_and_holds_no_honest_result_back(started, keys) -> None:
+    arrays = [np.arange(50_000, dtype=np.float32)]  # a 200 KB result per client
+    size = len(serde.dumps(arrays))
+    fleet = serve(
+        started,
+        verifier=verifier_for(keys, ids=(0, 1, 2)),
+        result_memory_bytes=size,  # the stalled result alone fills the bound
+        stall_s=5.0,
+    )
+    gate = threading.Event()
+    for cid in (0, 1):
+        started(
+            ClientThread(fleet.address, lambda ctx: GateClient(gate), cid, private_key=keys[cid])
+        )
+    attacker = started(RawStream(fleet.address))
+    assert attacker.register(2, keys[2]).WhichOneof("body") == "welcome"
+    wait_connected(fleet, [0, 1, 2])
+    thread, results = submit_in_background(GrpcExecutor(fleet), train_plan([0, 1, 2], arrays))
+    task, data = attacker.take_task()
+    digest = hashlib.sha256(data).digest()
+    res = signed_result(
+        keys[2], 2, task_id=task.task_id, payload_size=len(data), payload_sha256=digest
+    )
+    attacker.send(result=res)  # a plausible result: its first chunk, then only heartbeats
+    attacker.send(chunk=pb.Chunk(task_id=task.task_id, offset=0, data=data[:4096], last=False))
+    beats = Heartbeats(attacker)
+    try:
+        until(lambda: fleet.result_memory.held == len(data), "the stalled result's reservation")
+        gate.set()  # the honest results arrive while the stalled one holds the whole bound
+        thread.join(WAIT)
+    finally:
+        beats.close()
+    assert [o.client_id for o in results[:2]] in ([0, 1], [1, 0])  # served first, not queued
+    assert all(o.ok for o in results[:2]), [o.error for o in results]
+    error = results[2].error or ""
+    assert results[2].client_id == 2 and "stalled: no bytes for" in error, error
+    assert "4096 of" in error and "stall_s = 5" in error
+    assert fleet.result_memory.held == 0 and fleet.connected() == [0, 1]
+
+
+def test_metrics_beyond_the_bounds_are_refused_and_an_honest_client_says_why(started, keys) -> None:
+    fleet = serve(started, max_metrics_keys=8, max_metrics_bytes=200)
+
+    class Chatty:
+        def train(self, arrays, config):
+            return TrainRes(list(arrays), 1, {"note": "x" * 500})
+
+        def evaluate(self, arrays, config):
+            return EvaluateRes(0.0, 1, {f"m{i}": i for i in range(9)})
+
+    clients(started, fleet, [0])
+    clients(started, fleet, [1], lambda ctx: Chatty())
+    raw = started(RawStream(fleet.address))
+    assert raw.register(2).WhichOneof("body") == "welcome"
+    executor = GrpcExecutor(fleet)
+    thread, results = submit_in_background(executor, train_plan([0, 1, 2]))
+    task, data = raw.take_task()
+    many = json.dumps({f"k{i}": i for i in range(9)})
+    raw.send(
+        result=pb.Result(
+            task_id=task.task_id,
+            ok=True,
+            num_examples=1,
+            metrics_json=many,
+            payload_size=len(data),
+            payload_sha256=hashlib.sha256(data).digest(),
+        )
+    )
+    assert "9 keys, more than the 8 allowed" in raw.expect_reject()
+    thread.join(WAIT)
+    outcomes = by_id(iter(results))
+    assert outcomes[0].ok
+    # the client checks the server's bounds (from Welcome) before sending: a failed task
+    # with the reason, and it stays connected
+    assert "more than the 200 allowed" in (outcomes[1].error or ""), outcomes[1].error
+    assert "'note'" in (outcomes[1].error or "")
+    plan = [(cid, EvaluateIns(initial(), {})) for cid in (0, 1)]
+    evaluated = by_id(executor.submit(1, "evaluate", plan, WAIT))
+    assert evaluated[0].ok and "9 keys" in (evaluated[1].error or "")
+    assert fleet.connected() == [0, 1]
+
+
+def test_revoking_a_client_closes_its_stream_at_once(started, keys, tmp_path: Path) -> None:
+    listed = tmp_path / "allow-list.txt"
+    lines = {cid: f"{cid} {public_key_b64(keys[cid])}\n" for cid in (0, 1)}
+    listed.write_text(lines[0] + lines[1])
+    fleet = serve(started, verifier=Verifier(AllowList.load(listed)))
+    threads = {
+        cid: started(ClientThread(fleet.address, MeanClientFn(), cid, private_key=keys[cid]))
+        for cid in (0, 1)
+    }
+    wait_connected(fleet, [0, 1])
+    listed.write_text(lines[0])  # client 1's line removed: no request of its is needed
+    threads[1].thread.join(WAIT)
+    assert isinstance(threads[1].error, ClientRejected)
+    assert "client 1 was removed from the server's allow-list (revoked)" in str(threads[1].error)
+    assert fleet.connected() == [0]
+    outcomes = by_id(GrpcExecutor(fleet).submit(1, "train", train_plan([0, 1]), WAIT))
+    assert outcomes[0].ok and outcomes[1].error == "client 1 is not connected"
+    # a key replaced on the list ends the stream registered with the old key too
+    listed.write_text(f"0 {public_key_b64(keys[2])}\n")
+    threads[0].thread.join(WAIT)
+    assert "key on the server's allow-list was replaced" in str(threads[0].error)
+    assert fleet.connected() == []
+
+
+def test_status_details_only_for_allow_listed_callers(started, keys) -> None:
+    fleet = serve(started, verifier=verifier_for(keys), run_id="run-7")
+    for cid in (0, 1):
+        started(ClientThread(fleet.address, MeanClientFn(), cid, private_key=keys[cid]))
+    wait_connected(fleet, [0, 1])
+    anonymous = fetch_status(fleet.address, timeout_s=WAIT)
+    assert anonymous["clients"] == 2 and anonymous["run_id"] == "run-7"
+    assert "connected" not in anonymous and "tasks_in_flight" not in anonymous
+    assert anonymous["authenticated"] is False and "signed" in anonymous["details"]
+    full = fetch_status(fleet.address, timeout_s=WAIT, private_key=keys[0], client_id=0)
+    assert full["connected"] == [0, 1] and full["tasks_in_flight"] == 0
+    stranger = fetch_status(fleet.address, timeout_s=WAIT, private_key=keys[2], client_id=2)
+    assert "connected" not in stranger and "not on the server's allow-list" in stranger["details"]
+    forged = fetch_status(fleet.address, timeout_s=WAIT, private_key=keys[2], client_id=0)
+    assert "connected" not in forged and "bad signature" in forged["details"]
+
+
+def server_threads() -> int:
+    prefixes = ("pollinate-grpc", "pollinate-reader")
+    return sum(1 for t in threading.enumerate() if t.name.startswith(prefixes))
+
+
+def test_a_flood_of_idle_streams_is_shed_and_its_threads_end(started) -> None:
+    fleet = serve(
+        started, heartbeat_s=0.5, max_unregistered=20, register_timeout_s=2.0, thread_idle_s=0.5
+    )
+    clients(started, fleet, [0])
+    until(lambda: server_threads() <= 3, "the start-up threads to settle")
+    baseline = server_threads()
+    flood = [started(RawStream(fleet.address)) for _ in range(200)]  # they never register
+    ends = [raw.recv() for raw in flood]
+    refused = ends.count(("error", grpc.StatusCode.RESOURCE_EXHAUSTED))
+    closed = ends.count("end")  # accepted, then closed for not registering
+    assert refused + closed == 200 and refused >= 100, ends
+    assert fleet.refused_streams == refused
+    assert fleet._pool is not None and fleet._pool.peak <= 20 + 1 + 40, fleet._pool.peak
+    for raw in flood:
+        raw.close()
+    # the client that registered before the flood was served throughout, and still is
+    outcomes = by_id(GrpcExecutor(fleet).submit(1, "train", train_plan([0]), WAIT))
+    assert outcomes[0].ok and fleet.connected() == [0]
+    until(lambda: server_threads() <= baseline, f"threads back to {baseline}")
+
+
+def test_the_thread_pool_grows_on_demand_and_shrinks_when_idle() -> None:
+    from pollinate.transport.grpc.threads import ElasticThreadPool
+
+    pool = ElasticThreadPool(4, idle_s=0.2, name="test-pool")
+    release = threading.Event()
+    futures = [pool.submit(release.wait, WAIT) for _ in range(6)]  # 2 wait for a thread
+    until(lambda: pool.threads == 4, "four threads")
+    release.set()
+    assert [f.result(WAIT) for f in futures] == [True] * 6 and pool.peak == 4
+    assert pool.submit(lambda x: x * 2, 21).result(WAIT) == 42
+    with pytest.raises(ZeroDivisionError):
+        pool.submit(lambda: 1 / 0).result(WAIT)
+    until(lambda: pool.threads == 0, "the idle threads to end")
+    assert not [t for t in threading.enumerate() if t.name.startswith("test-pool")]
+    assert pool.submit(lambda: "again").result(WAIT) == "again"  # a new thread on demand
+    pool.shutdown()
+    assert pool.threads == 0
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        pool.submit(print)
 
 
 # ----------------------------------------------------------------------------- reconnection

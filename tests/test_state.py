@@ -178,11 +178,21 @@ def test_config_mismatch_names_the_differing_keys(db: Path) -> None:
         assert state.completed_rounds() == [1]
 
 
-def test_fresh_moves_the_old_state_aside(db: Path) -> None:
+def test_fresh_moves_the_whole_old_run_aside(db: Path) -> None:
     with ServerState.open(db, CONFIG) as state:
         old_id = state.run_id
         state.record_round(1, record(1), model(1))
         state.record_round(2, record(2), model(2))
+    folder = db.parent
+    run_files = {  # what the run folder writer adds next to the state
+        "history.json": "{}",
+        "metrics.csv": "round\n",
+        "report.html": "<html>",
+        "checkpoints/last.npz": "npz",
+    }
+    for name, text in run_files.items():
+        (folder / name).write_text(text)
+    (folder / ".lock").write_text("123\n")
     other = {**CONFIG, "train": {"epochs": 2, "lr": 0.01}}
 
     with ServerState.open(db, other, fresh=True) as state:
@@ -190,27 +200,68 @@ def test_fresh_moves_the_old_state_aside(db: Path) -> None:
         assert state.last_round() == 0
         state.record_round(1, record(1), model(11))
 
-    backups = list(db.parent.glob("server.sqlite.*.bak"))
-    assert len(backups) == 1
-    conn = sqlite3.connect(backups[0])
+    (backup,) = folder.glob("previous-*")
+    conn = sqlite3.connect(backup / "server.sqlite")
     assert conn.execute("SELECT run_id FROM run").fetchone()[0] == old_id
     assert [r[0] for r in conn.execute("SELECT round FROM rounds ORDER BY round")] == [1, 2]
     conn.close()
-    old_checkpoints = list(db.parent.glob("checkpoints.*.bak"))
-    assert len(old_checkpoints) == 1
-    assert sorted(p.name for p in old_checkpoints[0].iterdir()) == ["round-1.npz", "round-2.npz"]
+    assert sorted(p.name for p in (backup / "checkpoints").iterdir()) == [
+        "last.npz",
+        "round-1.npz",
+        "round-2.npz",
+    ]
+    for name, text in run_files.items():  # every file of the old run went along, unchanged
+        assert (backup / name).read_text() == text
+        assert not (folder / name).exists() or name.startswith("checkpoints/")
+    assert not (folder / "checkpoints" / "last.npz").exists()
+    assert (folder / ".lock").read_text() == "123\n"  # the run lock stays where it is
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["round-1.npz"]
 
-    # a second --fresh in the same second gets its own backup names; nothing is overwritten
+    # a second --fresh in the same second gets its own folder; nothing is overwritten
     with ServerState.open(db, CONFIG, fresh=True) as state:
         assert state.last_round() == 0
-    assert len(list(db.parent.glob("server.sqlite.*.bak"))) == 2
-    assert len(list(db.parent.glob("checkpoints.*.bak"))) == 2
+    backups = sorted(folder.glob("previous-*"))
+    assert len(backups) == 2 and backup in backups
+    (newer,) = set(backups) - {backup}
+    assert (newer / "server.sqlite").is_file() and not list(newer.glob("previous-*"))
 
 
 def test_fresh_without_old_state_just_creates(db: Path) -> None:
     with ServerState.open(db, CONFIG, fresh=True) as state:
         assert state.last_round() == 0
-    assert list(db.parent.glob("*.bak")) == []
+    assert list(db.parent.glob("previous-*")) == []
+
+
+@pytest.mark.parametrize("how", ["emptied", "deleted"])
+def test_a_lost_state_next_to_an_earlier_run_is_refused(db: Path, how: str) -> None:
+    with ServerState.open(db, CONFIG) as state:
+        state.record_round(1, record(1), model(1))
+    (db.parent / "history.json").write_text('{"rounds": [{"round": 1}]}')
+    if how == "emptied":
+        db.write_bytes(b"")  # `: > server.sqlite`
+    else:
+        db.unlink()
+    for side in (db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        side.unlink(missing_ok=True)
+    with pytest.raises(StateError) as info:
+        ServerState.open(db, CONFIG)
+    message = str(info.value)
+    assert f"is {'empty' if how == 'emptied' else 'missing'}" in message
+    assert "history.json" in message and "checkpoints/" in message and "--fresh" in message
+    assert (db.parent / "checkpoints" / "round-1.npz").is_file()  # nothing was touched
+    with ServerState.open(db, CONFIG, fresh=True) as state:  # --fresh moves it aside
+        assert state.last_round() == 0
+    (backup,) = db.parent.glob("previous-*")
+    assert (backup / "history.json").is_file() and (backup / "checkpoints/round-1.npz").is_file()
+
+
+def test_checkpoints_alone_are_an_earlier_run_too(db: Path) -> None:
+    save_checkpoint(db.parent / "checkpoints" / "last.npz", model(1), {"round": 1})
+    with pytest.raises(StateError, match=r"is missing, but .* \(checkpoints/\)"):
+        ServerState.open(db, CONFIG)
+    (db.parent / "checkpoints" / "last.npz").unlink()
+    with ServerState.open(db, CONFIG) as state:  # an empty checkpoints folder is no run
+        assert state.last_round() == 0
 
 
 def test_a_file_that_is_not_a_state_is_refused(db: Path) -> None:

@@ -216,6 +216,8 @@ def _fill(section: str, target: Any, table: dict[str, Any]) -> None:
                 raise ConfigError(f"{where} must be a number, got {value!r}")
             if isinstance(current, int) and not isinstance(value, int):
                 raise ConfigError(f"{where} must be an integer, got {value!r}")
+            if not math.isfinite(value):
+                raise ConfigError(f"{where} must be a finite number, got {value!r}")
             value = type(current)(value)
         elif isinstance(current, str) and not isinstance(value, str):
             raise ConfigError(f"{where} must be a string, got {value!r}")

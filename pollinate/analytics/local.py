@@ -205,9 +205,10 @@ def _check_cells(query: Query, policy: Policy, counts: np.ndarray) -> None:
         closing = "]" if cell == len(query.bins) - 2 else ")"
         where.append(f"bin [{lo:g}, {hi:g}{closing}")
     name = ", ".join(where) or "the matching rows"
+    # the reason names the cell and the policy, nothing about how many rows it holds
     raise QueryRefused(
-        f"the cell {name} rests on fewer than this data holder's minimum of {minimum} rows "
-        "(but more than none); ask for fewer groups or wider bins, or loosen the filter"
+        f"the cell {name} does not meet this data holder's minimum of {minimum} rows per "
+        "answer cell; ask for fewer groups or wider bins, or loosen the filter"
     )
 
 

@@ -266,6 +266,7 @@ class AllowList:
         self._content: bytes | None = None
         self._error: str | None = None
         self._removed: set[int] = set()
+        self.version = 0  # counts the changes of the entries (a watcher compares it)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> AllowList:
@@ -315,6 +316,8 @@ class AllowList:
             }
             self._removed = (self._removed | set(self._keys)) - set(keys)
             self._keys, self._content, self._error = keys, data, None
+            if changed:
+                self.version += 1
             return changed
 
     def _fail(self, message: str) -> NoReturn:
@@ -331,6 +334,15 @@ class AllowList:
         """Whether ``client_id`` was listed in an earlier version of the file (revoked)."""
         with self._lock:
             return client_id in self._removed
+
+    def listed(self) -> dict[int, str]:
+        """Every listed client id and its public key (base64), re-reading the file if it
+        changed; ``ConfigError`` while the file is unreadable or malformed."""
+        self.refresh()
+        with self._lock:
+            if self._error is not None:
+                raise ConfigError(f"{self._error}; every client is refused until it is fixed")
+            return {cid: public_key_b64(key) for cid, key in self._keys.items()}
 
     def client_ids(self) -> list[int]:
         """The listed client ids, sorted."""

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from pollinate.client import ClientFn
 from pollinate.client_state import ClientStateError, FileStateStore
 from pollinate.errors import ConfigError, PollinateError, SerializationError, missing_dependency
+from pollinate.limits import check_metrics
 from pollinate.simulation.backends.base import execute_task
 from pollinate.transport.grpc import pollinate_pb2 as pb
 from pollinate.transport.grpc import pollinate_pb2_grpc as pb_grpc
@@ -44,6 +45,7 @@ from pollinate.transport.grpc.codec import (
     loads_scalars,
     register_digest,
     result_digest,
+    status_digest,
     to_signed,
 )
 from pollinate.types import (
@@ -176,8 +178,20 @@ def fetch_status(
     ca_cert_pem: bytes | None = None,
     tls_server_name: str | None = None,
     timeout_s: float = 10.0,
+    private_key: Ed25519PrivateKey | None = None,
+    client_id: int | None = None,
 ) -> dict[str, Any]:
-    """The server's ``Fleet.Status`` (run id, round, connected clients, tasks in flight)."""
+    """The server's ``Fleet.Status`` (run id, round, connected clients, tasks in flight).
+
+    A server with an allow-list answers in full only a request signed with a listed client's
+    ``private_key`` (as ``client_id``); anyone else gets counts and ``details`` saying why."""
+    request = pb.StatusRequest()
+    if private_key is not None:
+        if client_id is None:
+            raise ConfigError("a signed status request needs the client id of its key")
+        request.client_id = client_id
+        sig = sign(private_key, "status", client_id, status_digest())
+        request.signed.CopyFrom(to_signed(sig))
     options: list[tuple[str, Any]] = [("grpc.enable_retries", 0)]
     if ca_cert_pem is None:
         channel = grpc.insecure_channel(address, options=options)
@@ -188,7 +202,7 @@ def fetch_status(
         channel = grpc.secure_channel(address, creds, options=options)
     with channel:
         try:
-            reply = pb_grpc.FleetStub(channel).Status(pb.StatusRequest(), timeout=timeout_s)
+            reply = pb_grpc.FleetStub(channel).Status(request, timeout=timeout_s)
         except grpc.RpcError as e:
             raise ServerUnreachable(
                 f"no status from {address}: {e.code().name}: {e.details()}"
@@ -338,6 +352,9 @@ class _Session:
         self.connect_timeout_s = connect_timeout_s
         self.chunk_bytes = max_message_bytes - MESSAGE_OVERHEAD
         self.server_max_payload = 0  # from Welcome (0: unknown)
+        self.max_metrics_keys = 0  # from Welcome (0: unknown)
+        self.max_metrics_bytes = 0
+        self.result_limits: dict[str, int] = {}  # task id -> its Task.max_result_bytes
         self.heartbeat_s = 0.0
         self.welcomed = False
         self.finished = False  # the server said the run is over
@@ -497,6 +514,7 @@ class _Session:
             with self._lock:
                 self.cancelled.add(msg.cancel.task_id)
                 self.incoming.pop(msg.cancel.task_id, None)
+                self.result_limits.pop(msg.cancel.task_id, None)
             log.warning(
                 "client %d: task %s cancelled by the server: %s",
                 self.client_id,
@@ -513,6 +531,8 @@ class _Session:
         if welcome.chunk_bytes:
             self.chunk_bytes = min(self.chunk_bytes, welcome.chunk_bytes)
         self.server_max_payload = welcome.max_payload_bytes
+        self.max_metrics_keys = welcome.max_metrics_keys
+        self.max_metrics_bytes = welcome.max_metrics_bytes
         self.welcomed = True
         self.worker.joined(welcome.run_id)
         log.info(
@@ -543,6 +563,8 @@ class _Session:
             max_bytes=self.max_payload_bytes,
         )
         self.incoming[task.task_id] = (task, config, assembler)
+        if task.max_result_bytes:
+            self.result_limits[task.task_id] = task.max_result_bytes
 
     def _on_chunk(self, chunk: pb.Chunk) -> None:
         task_id = chunk.task_id or self.current  # no id: a chunk of the last Task header
@@ -573,6 +595,7 @@ class _Session:
 
     def send_result(self, task_id: str, kind: TaskKind, outcome: Outcome) -> bool:
         """Queue the task's Result (and its Arrays); False if nobody will receive it."""
+        limit = self.result_limits.pop(task_id, 0)
         if not self.wants(task_id):
             log.warning(
                 "client %d: result of %s dropped (cancelled or disconnected)",
@@ -584,7 +607,7 @@ class _Session:
         payload = None
         if outcome.ok:
             try:
-                payload = self._fill(res, kind, outcome.result)
+                payload = self._fill(res, kind, outcome.result, limit)
                 res.ok = True
             except (TypeError, ValueError, SerializationError) as e:
                 log.error("client %d: cannot send the result of %s: %s", self.client_id, kind, e)
@@ -596,7 +619,9 @@ class _Session:
         self._send(res, payload)
         return True
 
-    def _fill(self, res: pb.Result, kind: TaskKind, result: object) -> Payload | None:
+    def _fill(
+        self, res: pb.Result, kind: TaskKind, result: object, max_result_bytes: int = 0
+    ) -> Payload | None:
         expected = RESULT_TYPES[kind]
         if not isinstance(result, expected) or not isinstance(
             result, (TrainRes, EvaluateRes, QueryRes)
@@ -608,6 +633,10 @@ class _Session:
         if isinstance(n, bool) or int(n) != n or n < 0:
             raise ValueError(f"num_examples must be an int >= 0, got {n!r}")
         res.num_examples = int(n)
+        if self.max_metrics_keys and self.max_metrics_bytes:  # the server's bounds: say why here
+            problem = check_metrics(result.metrics, self.max_metrics_keys, self.max_metrics_bytes)
+            if problem is not None:
+                raise ValueError(problem)
         res.metrics_json = dumps_scalars(result.metrics, "metrics")
         if isinstance(result, EvaluateRes):
             res.loss = float(result.loss)
@@ -617,6 +646,12 @@ class _Session:
             raise ValueError(
                 f"the trained Arrays take {payload.size} bytes, more than the server accepts "
                 f"(max_payload_bytes={self.server_max_payload})"
+            )
+        if max_result_bytes and payload.size > max_result_bytes:
+            raise ValueError(
+                f"the result's Arrays take {payload.size} bytes, more than the {max_result_bytes} "
+                "the server accepts for this task (a multiple of the model it sent; the server's "
+                "--result-size-factor raises it)"
             )
         res.payload_size, res.payload_sha256 = payload.size, payload.sha256
         return payload

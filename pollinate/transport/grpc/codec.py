@@ -265,6 +265,12 @@ def result_digest(res: pb.Result) -> bytes:
     ).digest()
 
 
+def status_digest() -> bytes:
+    """What a status request signs: only its kind (the signature's timestamp and nonce make
+    each request unique)."""
+    return hashlib.sha256(_fields(b"status")).digest()
+
+
 def to_signed(sig: Signature) -> pb.Signed:
     """An ``auth.Signature`` as its protobuf message."""
     return pb.Signed(timestamp=sig.timestamp, nonce=sig.nonce, signature=sig.signature)

@@ -15,10 +15,11 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pollinate.errors import ConfigError
+from pollinate.limits import MAX_REASON_CHARS, check_metrics
 from pollinate.transport.grpc import pollinate_pb2 as pb
 from pollinate.transport.grpc.auth import AuthError
 from pollinate.transport.grpc.codec import (
@@ -47,12 +48,17 @@ class ResultMemory:
     """Bounds the bytes of client results held by the server: being received, or received and
     waiting for the aggregation to take them.
 
-    A connection's reader asks for a result's declared size before reassembling it and waits
-    while the bound would be passed. A waiting reader reads nothing from its stream, so gRPC's
-    flow control holds that client back until the aggregation has caught up: server memory stays
+    A connection's reader asks for a result's declared size (once its header is authenticated
+    and the size is within the task's expected bound) before reassembling it, and waits while
+    the bound would be passed. A waiting reader reads nothing from its stream, so gRPC's flow
+    control holds that client back until the aggregation has caught up: server memory stays
     near ``limit`` however many clients answer at once, instead of growing with clients x model.
-    One result is always let in when nothing is held, so a result larger than ``limit`` waits
-    its turn instead of deadlocking.
+
+    A result is always let in beside at most one other reservation, whatever the sizes: a
+    result larger than ``limit`` waits its turn instead of deadlocking, and one client that
+    holds a reservation without sending its bytes cannot hold the others back (its stream is
+    closed after ``stall_s``, see ``FleetServer``). So at most ``max(limit, the two largest
+    results)`` bytes are held at once.
     """
 
     def __init__(self, limit: int) -> None:
@@ -60,6 +66,7 @@ class ResultMemory:
             raise ConfigError(f"result_memory_bytes must be >= 1, got {limit}")
         self.limit = limit
         self.held = 0
+        self.count = 0  # reservations held
         self.peak = 0  # the most bytes held at once
         self.waits = 0  # results that had to wait for room
         self._cond = threading.Condition()
@@ -68,19 +75,26 @@ class ResultMemory:
         """Reserve ``n`` bytes, waiting while they do not fit; None if ``keep_waiting()`` turns
         False first (the connection closed)."""
         with self._cond:
-            if self.held and self.held + n > self.limit:
+            if not self._fits(n):
                 self.waits += 1
-            while self.held and self.held + n > self.limit:
+            while not self._fits(n):
                 if not keep_waiting():
                     return None
                 self._cond.wait(0.25)
+            if not keep_waiting():
+                return None
             self.held += n
+            self.count += 1
             self.peak = max(self.peak, self.held)
         return Held(self, n)
+
+    def _fits(self, n: int) -> bool:
+        return self.count <= 1 or self.held + n <= self.limit
 
     def _release(self, n: int) -> None:
         with self._cond:
             self.held -= n
+            self.count -= 1
             self._cond.notify_all()
 
 
@@ -112,8 +126,10 @@ class Pending:
         kind: TaskKind,
         sink: queue.Queue[Any],
         conn: Connection,
+        max_result_bytes: int,
     ) -> None:
         self.task_id = task_id
+        self.max_result_bytes = max_result_bytes  # the largest result payload accepted
         self.conn = conn
         self.client_id = client_id
         self.kind = kind
@@ -166,6 +182,7 @@ class Incoming:
     metrics: Metrics
     assembler: Assembler
     held: Held | None = None  # its bytes in the fleet's ResultMemory
+    progress_at: float = field(default_factory=time.monotonic)  # when its last chunk came
 
 
 class Connection:
@@ -182,6 +199,8 @@ class Connection:
         self.receiving: dict[str, Incoming] = {}
         self.expired: OrderedDict[str, None] = OrderedDict()
         self.opened = self.last_seen = time.monotonic()
+        self.spoke = False  # it sent a first message (Register, if it is in protocol)
+        self.public_key = ""  # base64 of its key on the allow-list, once registered
         self.closed = False
         self.closed_at = 0.0
         self.waiting = False  # the reader waits for result memory (see ResultMemory)
@@ -302,6 +321,7 @@ class Connection:
         try:
             for msg in requests:
                 self.last_seen = time.monotonic()
+                self.spoke = True
                 if self.closed:
                     return
                 try:
@@ -329,13 +349,7 @@ class Connection:
         elif which == "heartbeat":
             return
         elif which == "result":
-            held = self._hold(msg.result)  # may wait for the aggregation to catch up
-            try:
-                with self.lock:
-                    self._on_result(msg.result, held)
-            except BaseException:
-                release(held)
-                raise
+            self._on_result(msg.result)
         elif which == "chunk":
             with self.lock:
                 self._on_chunk(msg.chunk)
@@ -344,33 +358,22 @@ class Connection:
         else:
             raise ProtocolError("an empty message (no body)")
 
-    def _hold(self, res: pb.Result) -> Held | None:
-        """Reserve memory for a result's Arrays before reading them (see ResultMemory)."""
-        size = res.payload_size
-        if not (res.ok and 0 < size <= self.fleet.max_payload_bytes):
-            return None  # nothing kept, or refused by _on_result
-        with self.lock:
-            if res.task_id not in self.tasks or res.task_id in self.receiving:
-                return None  # a late or out-of-protocol result: checked, not kept
-        self.waiting = True  # the watcher does not count this silence against the client
-        try:
-            return self.fleet.result_memory.hold(size, lambda: not self.closed)
-        finally:
-            self.last_seen = time.monotonic()
-            self.waiting = False
-
-    def _on_result(self, res: pb.Result, held: Held | None) -> None:
+    def _on_result(self, res: pb.Result) -> None:
+        """Check a Result header (its task, signature, metrics and declared size), then hand
+        the outcome on, or get ready to receive its Arrays (see :meth:`_receive`)."""
         assert self.client_id is not None
         tid = res.task_id
-        if tid in self.receiving:
-            raise ProtocolError(f"a second Result for task {tid!r}")
-        pending = self.tasks.get(tid)
-        if pending is None and tid not in self.expired:
-            raise ProtocolError(
-                f"a Result for task {tid!r}, which this client was not given or already answered"
-            )
+        with self.lock:
+            if tid in self.receiving:
+                raise ProtocolError(f"a second Result for task {tid!r}")
+            pending = self.tasks.get(tid)
+            if pending is None and tid not in self.expired:
+                raise ProtocolError(
+                    f"a Result for task {tid!r}, which this client was not given or already "
+                    "answered"
+                )
         self.fleet._verify("result", self.client_id, result_digest(res), res)
-        metrics = loads_scalars(res.metrics_json, "metrics")
+        metrics = self._metrics(res)
         if res.num_examples < 0:
             raise ProtocolError(f"num_examples must be >= 0, got {res.num_examples}")
         kind = pending.kind if pending is not None else None
@@ -380,28 +383,94 @@ class Connection:
         elif kind in ("train", "query") and not res.payload_size:
             raise ProtocolError(f"task {tid!r}: a {kind} result must carry Arrays")
         if res.payload_size:
-            assembler = Assembler(
-                f"result of task {tid!r}",
-                res.payload_size,
-                res.payload_sha256,
-                max_bytes=self.fleet.max_payload_bytes,
-                keep=pending is not None,
-            )
-            if pending is None:  # expired while its reader waited for room: checked, not kept
-                release(held)
-                held = None
-            self.receiving[tid] = Incoming(pending, res, metrics, assembler, held)
+            self._receive(res, pending, metrics)
             return
-        release(held)
-        if pending is None:
-            return  # a late answer to a task that timed out
-        self.tasks.pop(tid, None)
+        with self.lock:
+            if pending is None or self.tasks.get(tid) is not pending:
+                return  # a late answer to a task that timed out (or just did)
+            del self.tasks[tid]
         if not res.ok:
-            reason = res.error.strip()[:2000] or "the client reported a failure without a reason"
-            pending.finish(pending.failed(reason))
+            reason = res.error.strip()[:MAX_REASON_CHARS]
+            pending.finish(
+                pending.failed(reason or "the client reported a failure without a reason")
+            )
         else:
             result = EvaluateRes(res.loss, res.num_examples, metrics)
             pending.finish(self._outcome(pending, result))
+
+    def _metrics(self, res: pb.Result) -> Metrics:
+        """The result's metrics, within the fleet's bounds (``ProtocolError`` otherwise)."""
+        fleet = self.fleet
+        if len(res.metrics_json) > 6 * fleet.max_metrics_bytes + 64:  # JSON escapes: <= 6x
+            raise ProtocolError(
+                f"task {res.task_id!r}: the metrics take {len(res.metrics_json)} characters of "
+                f"JSON, far more than the {fleet.max_metrics_bytes} bytes allowed per result"
+            )
+        metrics = loads_scalars(res.metrics_json, "metrics")
+        problem = check_metrics(metrics, fleet.max_metrics_keys, fleet.max_metrics_bytes)
+        if problem is not None:
+            raise ProtocolError(f"task {res.task_id!r}: {problem}")
+        return metrics
+
+    def _receive(self, res: pb.Result, pending: Pending | None, metrics: Metrics) -> None:
+        """Reserve result memory for an authenticated header whose declared size is within the
+        task's bound (waiting for room if needed), then expect its chunks.
+
+        A result for a task that expired, or that expires while waiting, is checked chunk by
+        chunk but not kept, and holds no memory."""
+        tid, size = res.task_id, res.payload_size
+        limit = pending.max_result_bytes if pending is not None else self.fleet.max_payload_bytes
+        if size > limit:
+            raise ProtocolError(
+                f"task {tid!r}: the result declares {size} bytes of Arrays, which exceeds the "
+                f"limit of {limit} bytes for this task (the round's expected update size: the "
+                "model's payload times the server's result_size_factor)"
+            )
+        if len(res.payload_sha256) != 32:
+            raise ProtocolError(
+                f"task {tid!r}: payload SHA-256 must be 32 bytes, got {len(res.payload_sha256)}"
+            )
+        held = self._hold(size, pending) if pending is not None else None
+        with self.lock:
+            if self.closed:  # close() already released what this stream held
+                release(held)
+                return
+            keep = held is not None and pending is not None and self.tasks.get(tid) is pending
+            if not keep:  # expired while its reader waited for room: checked, not kept
+                release(held)
+                held = None
+            try:
+                assembler = Assembler(
+                    f"result of task {tid!r}", size, res.payload_sha256, max_bytes=limit, keep=keep
+                )
+            except BaseException:
+                release(held)
+                raise
+            self.receiving[tid] = Incoming(pending if keep else None, res, metrics, assembler, held)
+
+    def _hold(self, size: int, pending: Pending) -> Held | None:
+        """Reserve ``size`` bytes of result memory; None if the task ends or the stream closes
+        while waiting (see ResultMemory)."""
+        self.waiting = True  # the watcher does not count this silence against the client
+        try:
+            return self.fleet.result_memory.hold(size, lambda: not self.closed and not pending.done)
+        finally:
+            self.last_seen = time.monotonic()
+            self.waiting = False
+
+    def stalled(self, now: float, stall_s: float) -> str | None:
+        """Why this stream's result transfer counts as stalled (None if it does not): no chunk
+        of a result in progress for more than ``stall_s``."""
+        with self.lock:
+            for tid, incoming in self.receiving.items():
+                idle = now - incoming.progress_at
+                if idle > stall_s:
+                    got, size = incoming.assembler.received, incoming.assembler.size
+                    return (
+                        f"its result for task {tid} stalled: no bytes for {idle:.1f} s after "
+                        f"{got} of {size} (stall_s = {stall_s:g} s)"
+                    )
+        return None
 
     def _on_chunk(self, chunk: pb.Chunk) -> None:
         incoming = self.receiving.get(chunk.task_id)
@@ -409,7 +478,9 @@ class Connection:
             raise ProtocolError(
                 f"a Chunk for task {chunk.task_id!r}, which has no Result header before it"
             )
-        if not incoming.assembler.add(chunk.offset, chunk.data, chunk.last):
+        done = incoming.assembler.add(chunk.offset, chunk.data, chunk.last)
+        incoming.progress_at = time.monotonic()
+        if not done:
             return
         del self.receiving[chunk.task_id]
         pending = incoming.pending

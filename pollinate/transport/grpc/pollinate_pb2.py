@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(pollinate/transport/grpc/pollinate.proto\x12\x0cpollinate.v1\"=\n\x06Signed\x12\x11\n\ttimestamp\x18\x01 \x01(\x01\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"z\n\x08Register\x12\x11\n\tclient_id\x18\x01 \x01(\x03\x12\x12\n\npublic_key\x18\x02 \x01(\t\x12$\n\x06signed\x18\x03 \x01(\x0b\x32\x14.pollinate.v1.Signed\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x10\n\x08protocol\x18\x05 \x01(\r\"^\n\x07Welcome\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0bheartbeat_s\x18\x02 \x01(\x01\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\r\x12\x19\n\x11max_payload_bytes\x18\x04 \x01(\x04\"\x18\n\x06Reject\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x1c\n\tHeartbeat\x12\x0f\n\x07sent_at\x18\x01 \x01(\x01\"w\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\x12\x14\n\x0cpayload_size\x18\x05 \x01(\x04\x12\x16\n\x0epayload_sha256\x18\x06 \x01(\x0c\"\xc2\x01\n\x06Result\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x03\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12\x14\n\x0cmetrics_json\x18\x06 \x01(\t\x12\x14\n\x0cpayload_size\x18\x07 \x01(\x04\x12\x16\n\x0epayload_sha256\x18\x08 \x01(\x0c\x12$\n\x06signed\x18\t \x01(\x0b\x32\x14.pollinate.v1.Signed\"D\n\x05\x43hunk\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\")\n\x06\x43\x61ncel\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xbf\x01\n\rClientMessage\x12*\n\x08register\x18\x01 \x01(\x0b\x32\x16.pollinate.v1.RegisterH\x00\x12,\n\theartbeat\x18\x02 \x01(\x0b\x32\x17.pollinate.v1.HeartbeatH\x00\x12&\n\x06result\x18\x03 \x01(\x0b\x32\x14.pollinate.v1.ResultH\x00\x12$\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x13.pollinate.v1.ChunkH\x00\x42\x06\n\x04\x62ody\"\xb5\x02\n\rServerMessage\x12(\n\x07welcome\x18\x01 \x01(\x0b\x32\x15.pollinate.v1.WelcomeH\x00\x12&\n\x06reject\x18\x02 \x01(\x0b\x32\x14.pollinate.v1.RejectH\x00\x12,\n\theartbeat\x18\x03 \x01(\x0b\x32\x17.pollinate.v1.HeartbeatH\x00\x12\"\n\x04task\x18\x04 \x01(\x0b\x32\x12.pollinate.v1.TaskH\x00\x12$\n\x05\x63hunk\x18\x05 \x01(\x0b\x32\x13.pollinate.v1.ChunkH\x00\x12&\n\x06\x63\x61ncel\x18\x06 \x01(\x0b\x32\x14.pollinate.v1.CancelH\x00\x12*\n\x08\x66inished\x18\x07 \x01(\x0b\x32\x16.pollinate.v1.FinishedH\x00\x42\x06\n\x04\x62ody\"\x1a\n\x08\x46inished\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x0f\n\rStatusRequest\"\x1b\n\x0bStatusReply\x12\x0c\n\x04json\x18\x01 \x01(\t2\x8f\x01\n\x05\x46leet\x12\x44\n\x04Join\x12\x1b.pollinate.v1.ClientMessage\x1a\x1b.pollinate.v1.ServerMessage(\x01\x30\x01\x12@\n\x06Status\x12\x1b.pollinate.v1.StatusRequest\x1a\x19.pollinate.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(pollinate/transport/grpc/pollinate.proto\x12\x0cpollinate.v1\"=\n\x06Signed\x12\x11\n\ttimestamp\x18\x01 \x01(\x01\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"z\n\x08Register\x12\x11\n\tclient_id\x18\x01 \x01(\x03\x12\x12\n\npublic_key\x18\x02 \x01(\t\x12$\n\x06signed\x18\x03 \x01(\x0b\x32\x14.pollinate.v1.Signed\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x10\n\x08protocol\x18\x05 \x01(\r\"\x93\x01\n\x07Welcome\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0bheartbeat_s\x18\x02 \x01(\x01\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\r\x12\x19\n\x11max_payload_bytes\x18\x04 \x01(\x04\x12\x18\n\x10max_metrics_keys\x18\x05 \x01(\r\x12\x19\n\x11max_metrics_bytes\x18\x06 \x01(\x04\"\x18\n\x06Reject\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x1c\n\tHeartbeat\x12\x0f\n\x07sent_at\x18\x01 \x01(\x01\"\x91\x01\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\x12\x14\n\x0cpayload_size\x18\x05 \x01(\x04\x12\x16\n\x0epayload_sha256\x18\x06 \x01(\x0c\x12\x18\n\x10max_result_bytes\x18\x07 \x01(\x04\"\xc2\x01\n\x06Result\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x03\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12\x14\n\x0cmetrics_json\x18\x06 \x01(\t\x12\x14\n\x0cpayload_size\x18\x07 \x01(\x04\x12\x16\n\x0epayload_sha256\x18\x08 \x01(\x0c\x12$\n\x06signed\x18\t \x01(\x0b\x32\x14.pollinate.v1.Signed\"D\n\x05\x43hunk\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\")\n\x06\x43\x61ncel\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xbf\x01\n\rClientMessage\x12*\n\x08register\x18\x01 \x01(\x0b\x32\x16.pollinate.v1.RegisterH\x00\x12,\n\theartbeat\x18\x02 \x01(\x0b\x32\x17.pollinate.v1.HeartbeatH\x00\x12&\n\x06result\x18\x03 \x01(\x0b\x32\x14.pollinate.v1.ResultH\x00\x12$\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x13.pollinate.v1.ChunkH\x00\x42\x06\n\x04\x62ody\"\xb5\x02\n\rServerMessage\x12(\n\x07welcome\x18\x01 \x01(\x0b\x32\x15.pollinate.v1.WelcomeH\x00\x12&\n\x06reject\x18\x02 \x01(\x0b\x32\x14.pollinate.v1.RejectH\x00\x12,\n\theartbeat\x18\x03 \x01(\x0b\x32\x17.pollinate.v1.HeartbeatH\x00\x12\"\n\x04task\x18\x04 \x01(\x0b\x32\x12.pollinate.v1.TaskH\x00\x12$\n\x05\x63hunk\x18\x05 \x01(\x0b\x32\x13.pollinate.v1.ChunkH\x00\x12&\n\x06\x63\x61ncel\x18\x06 \x01(\x0b\x32\x14.pollinate.v1.CancelH\x00\x12*\n\x08\x66inished\x18\x07 \x01(\x0b\x32\x16.pollinate.v1.FinishedH\x00\x42\x06\n\x04\x62ody\"\x1a\n\x08\x46inished\x12\x0e\n\x06reason\x18\x01 \x01(\t\"H\n\rStatusRequest\x12\x11\n\tclient_id\x18\x01 \x01(\x03\x12$\n\x06signed\x18\x02 \x01(\x0b\x32\x14.pollinate.v1.Signed\"\x1b\n\x0bStatusReply\x12\x0c\n\x04json\x18\x01 \x01(\t2\x8f\x01\n\x05\x46leet\x12\x44\n\x04Join\x12\x1b.pollinate.v1.ClientMessage\x1a\x1b.pollinate.v1.ServerMessage(\x01\x30\x01\x12@\n\x06Status\x12\x1b.pollinate.v1.StatusRequest\x1a\x19.pollinate.v1.StatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,30 +35,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SIGNED']._serialized_end=119
   _globals['_REGISTER']._serialized_start=121
   _globals['_REGISTER']._serialized_end=243
-  _globals['_WELCOME']._serialized_start=245
-  _globals['_WELCOME']._serialized_end=339
-  _globals['_REJECT']._serialized_start=341
-  _globals['_REJECT']._serialized_end=365
-  _globals['_HEARTBEAT']._serialized_start=367
-  _globals['_HEARTBEAT']._serialized_end=395
-  _globals['_TASK']._serialized_start=397
-  _globals['_TASK']._serialized_end=516
-  _globals['_RESULT']._serialized_start=519
-  _globals['_RESULT']._serialized_end=713
-  _globals['_CHUNK']._serialized_start=715
-  _globals['_CHUNK']._serialized_end=783
-  _globals['_CANCEL']._serialized_start=785
-  _globals['_CANCEL']._serialized_end=826
-  _globals['_CLIENTMESSAGE']._serialized_start=829
-  _globals['_CLIENTMESSAGE']._serialized_end=1020
-  _globals['_SERVERMESSAGE']._serialized_start=1023
-  _globals['_SERVERMESSAGE']._serialized_end=1332
-  _globals['_FINISHED']._serialized_start=1334
-  _globals['_FINISHED']._serialized_end=1360
-  _globals['_STATUSREQUEST']._serialized_start=1362
-  _globals['_STATUSREQUEST']._serialized_end=1377
-  _globals['_STATUSREPLY']._serialized_start=1379
-  _globals['_STATUSREPLY']._serialized_end=1406
-  _globals['_FLEET']._serialized_start=1409
-  _globals['_FLEET']._serialized_end=1552
+  _globals['_WELCOME']._serialized_start=246
+  _globals['_WELCOME']._serialized_end=393
+  _globals['_REJECT']._serialized_start=395
+  _globals['_REJECT']._serialized_end=419
+  _globals['_HEARTBEAT']._serialized_start=421
+  _globals['_HEARTBEAT']._serialized_end=449
+  _globals['_TASK']._serialized_start=452
+  _globals['_TASK']._serialized_end=597
+  _globals['_RESULT']._serialized_start=600
+  _globals['_RESULT']._serialized_end=794
+  _globals['_CHUNK']._serialized_start=796
+  _globals['_CHUNK']._serialized_end=864
+  _globals['_CANCEL']._serialized_start=866
+  _globals['_CANCEL']._serialized_end=907
+  _globals['_CLIENTMESSAGE']._serialized_start=910
+  _globals['_CLIENTMESSAGE']._serialized_end=1101
+  _globals['_SERVERMESSAGE']._serialized_start=1104
+  _globals['_SERVERMESSAGE']._serialized_end=1413
+  _globals['_FINISHED']._serialized_start=1415
+  _globals['_FINISHED']._serialized_end=1441
+  _globals['_STATUSREQUEST']._serialized_start=1443
+  _globals['_STATUSREQUEST']._serialized_end=1515
+  _globals['_STATUSREPLY']._serialized_start=1517
+  _globals['_STATUSREPLY']._serialized_end=1544
+  _globals['_FLEET']._serialized_start=1547
+  _globals['_FLEET']._serialized_end=1690
 # @@protoc_insertion_point(module_scope)

@@ -30,16 +30,20 @@ class Register(_message.Message):
     def __init__(self, client_id: _Optional[int] = ..., public_key: _Optional[str] = ..., signed: _Optional[_Union[Signed, _Mapping]] = ..., version: _Optional[str] = ..., protocol: _Optional[int] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("run_id", "heartbeat_s", "chunk_bytes", "max_payload_bytes")
+    __slots__ = ("run_id", "heartbeat_s", "chunk_bytes", "max_payload_bytes", "max_metrics_keys", "max_metrics_bytes")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_METRICS_KEYS_FIELD_NUMBER: _ClassVar[int]
+    MAX_METRICS_BYTES_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     heartbeat_s: float
     chunk_bytes: int
     max_payload_bytes: int
-    def __init__(self, run_id: _Optional[str] = ..., heartbeat_s: _Optional[float] = ..., chunk_bytes: _Optional[int] = ..., max_payload_bytes: _Optional[int] = ...) -> None: ...
+    max_metrics_keys: int
+    max_metrics_bytes: int
+    def __init__(self, run_id: _Optional[str] = ..., heartbeat_s: _Optional[float] = ..., chunk_bytes: _Optional[int] = ..., max_payload_bytes: _Optional[int] = ..., max_metrics_keys: _Optional[int] = ..., max_metrics_bytes: _Optional[int] = ...) -> None: ...
 
 class Reject(_message.Message):
     __slots__ = ("reason",)
@@ -54,20 +58,22 @@ class Heartbeat(_message.Message):
     def __init__(self, sent_at: _Optional[float] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "kind", "round", "config_json", "payload_size", "payload_sha256")
+    __slots__ = ("task_id", "kind", "round", "config_json", "payload_size", "payload_sha256", "max_result_bytes")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_SHA256_FIELD_NUMBER: _ClassVar[int]
+    MAX_RESULT_BYTES_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     kind: str
     round: int
     config_json: str
     payload_size: int
     payload_sha256: bytes
-    def __init__(self, task_id: _Optional[str] = ..., kind: _Optional[str] = ..., round: _Optional[int] = ..., config_json: _Optional[str] = ..., payload_size: _Optional[int] = ..., payload_sha256: _Optional[bytes] = ...) -> None: ...
+    max_result_bytes: int
+    def __init__(self, task_id: _Optional[str] = ..., kind: _Optional[str] = ..., round: _Optional[int] = ..., config_json: _Optional[str] = ..., payload_size: _Optional[int] = ..., payload_sha256: _Optional[bytes] = ..., max_result_bytes: _Optional[int] = ...) -> None: ...
 
 class Result(_message.Message):
     __slots__ = ("task_id", "ok", "error", "num_examples", "loss", "metrics_json", "payload_size", "payload_sha256", "signed")
@@ -148,8 +154,12 @@ class Finished(_message.Message):
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("client_id", "signed")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNED_FIELD_NUMBER: _ClassVar[int]
+    client_id: int
+    signed: Signed
+    def __init__(self, client_id: _Optional[int] = ..., signed: _Optional[_Union[Signed, _Mapping]] = ...) -> None: ...
 
 class StatusReply(_message.Message):
     __slots__ = ("json",)

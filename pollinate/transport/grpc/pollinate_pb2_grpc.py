@@ -57,7 +57,8 @@ class FleetServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Status(self, request, context):
-        """The server's progress as a JSON object (run id, round, connected clients, tasks).
+        """The server's progress as a JSON object: the full status (connected client ids, tasks)
+        for a request signed by an allow-listed client, a summary (counts) for anyone else.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -8,6 +8,18 @@ arrive. A client that is not connected fails at once; one whose stream breaks or
 sending (3 × ``heartbeat_s``) fails right away, not at the deadline; the rest time out at the
 deadline. A malformed or out-of-protocol message gets a ``Reject`` that says why and its
 stream is closed (see ``connection.py``); the server and its other clients carry on.
+
+What one client (even an allow-listed one) can take is bounded, so that it cannot stop a run:
+
+- a result's Arrays: at most the task's ``max_result_bytes`` (by default the round's model
+  payload × ``result_size_factor``), declared in an authenticated header before any memory is
+  reserved; a reservation whose bytes stop coming for ``stall_s`` is released and the client's
+  stream closed; and one reservation never holds the others back (see ``ResultMemory``);
+- a result's metrics: ``max_metrics_keys`` keys and ``max_metrics_bytes`` of JSON;
+- streams: at most ``max_streams`` in all and ``max_unregistered`` that have not registered;
+  one that sends no Register within ``register_timeout_s`` is closed, and the threads a burst
+  of streams needed end once idle (``ElasticThreadPool``);
+- a client removed from the allow-list loses its stream at once, not at its next request.
 """
 
 from __future__ import annotations
@@ -17,18 +29,27 @@ import ctypes.util
 import itertools
 import json
 import logging
+import math
 import queue
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent import futures
 from typing import Any
 
 from pollinate.client import task_seed
 from pollinate.errors import ConfigError, PollinateError, missing_dependency
+from pollinate.limits import DEFAULT_MAX_METRICS_BYTES, DEFAULT_MAX_METRICS_KEYS
 from pollinate.server import in_order
-from pollinate.transport import DEFAULT_RESULT_MEMORY_BYTES
+from pollinate.transport import (
+    DEFAULT_MAX_STREAMS,
+    DEFAULT_MAX_UNREGISTERED,
+    DEFAULT_MIN_RESULT_BYTES,
+    DEFAULT_REGISTER_TIMEOUT_S,
+    DEFAULT_RESULT_MEMORY_BYTES,
+    DEFAULT_RESULT_SIZE_FACTOR,
+    DEFAULT_STALL_S,
+)
 
 try:
     import grpc
@@ -51,6 +72,7 @@ from pollinate.transport.grpc.codec import (
     from_signed,
     register_digest,
     serialize_server_message,
+    status_digest,
 )
 from pollinate.transport.grpc.connection import (
     CLOSE_GRACE_S,
@@ -61,6 +83,7 @@ from pollinate.transport.grpc.connection import (
     parse_client_message,
     release,
 )
+from pollinate.transport.grpc.threads import ElasticThreadPool
 from pollinate.types import (
     ClientId,
     Config,
@@ -136,7 +159,7 @@ class _Servicer(pb_grpc.FleetServicer):
     def Status(  # noqa: N802
         self, request: pb.StatusRequest, context: grpc.ServicerContext
     ) -> pb.StatusReply:
-        return pb.StatusReply(json=json.dumps(self.fleet.status()))
+        return pb.StatusReply(json=json.dumps(self.fleet.status_for(request)))
 
 
 class FleetServer:
@@ -149,9 +172,15 @@ class FleetServer:
     refuses the client with that message; any other exception closes the stream (the client
     retries later). Bind ``"127.0.0.1:0"`` for an ephemeral port (see ``port``).
     ``result_memory_bytes`` bounds the client results held at once, being received or waiting
-    for the aggregation (one result larger than that still goes through, alone); clients past
-    it are held back by flow control until the aggregation catches up. ``grpc_options``: extra
-    gRPC core channel arguments, e.g. ``[("grpc.http2.bdp_probe", 0)]``.
+    for the aggregation (a result always goes through beside at most one other); clients past
+    it are held back by flow control until the aggregation catches up. A result whose chunks
+    stop for ``stall_s`` gets its stream closed. ``max_streams`` bounds the streams open at
+    once, ``max_unregistered`` those not registered yet (more are refused with
+    RESOURCE_EXHAUSTED, and clients retry); a stream that sends no Register within
+    ``register_timeout_s`` is closed; a stream thread idle for ``thread_idle_s`` ends.
+    ``max_metrics_keys`` / ``max_metrics_bytes`` bound each result's metrics (see
+    ``pollinate.limits``). ``grpc_options``: extra gRPC core channel arguments, e.g.
+    ``[("grpc.http2.bdp_probe", 0)]``.
     """
 
     def __init__(
@@ -165,16 +194,34 @@ class FleetServer:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-        max_connections: int = 1000,
+        max_streams: int = DEFAULT_MAX_STREAMS,
+        max_unregistered: int = DEFAULT_MAX_UNREGISTERED,
+        register_timeout_s: float = DEFAULT_REGISTER_TIMEOUT_S,
+        thread_idle_s: float = 10.0,
         result_memory_bytes: int = DEFAULT_RESULT_MEMORY_BYTES,
+        stall_s: float = DEFAULT_STALL_S,
+        max_metrics_keys: int = DEFAULT_MAX_METRICS_KEYS,
+        max_metrics_bytes: int = DEFAULT_MAX_METRICS_BYTES,
         grpc_options: Sequence[tuple[str, Any]] = (),
         on_register: OnRegister | None = None,
     ) -> None:
         check_sizes(chunk_bytes, max_message_bytes, max_payload_bytes)
-        if not heartbeat_s > 0:
-            raise ConfigError(f"heartbeat_s must be > 0, got {heartbeat_s}")
-        if max_connections < 1:
-            raise ConfigError(f"max_connections must be >= 1, got {max_connections}")
+        for name, value in (
+            ("heartbeat_s", heartbeat_s),
+            ("register_timeout_s", register_timeout_s),
+            ("thread_idle_s", thread_idle_s),
+            ("stall_s", stall_s),
+        ):
+            if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
+                raise ConfigError(f"{name} must be a positive number of seconds, got {value}")
+        for name, count in (
+            ("max_streams", max_streams),
+            ("max_unregistered", max_unregistered),
+            ("max_metrics_keys", max_metrics_keys),
+            ("max_metrics_bytes", max_metrics_bytes),
+        ):
+            if count < 1:
+                raise ConfigError(f"{name} must be >= 1, got {count}")
         self.requested_address = address
         self.tls = tls
         self.verifier = verifier
@@ -183,8 +230,15 @@ class FleetServer:
         self.max_message_bytes = max_message_bytes
         self.max_payload_bytes = max_payload_bytes
         self.chunk_bytes = chunk_bytes
-        self.max_connections = max_connections
+        self.max_streams = max_streams
+        self.max_unregistered = min(max_unregistered, max_streams)
+        self.register_timeout_s = float(register_timeout_s)
+        self.thread_idle_s = float(thread_idle_s)
         self.result_memory = ResultMemory(result_memory_bytes)
+        self.stall_s = float(stall_s)
+        self.max_metrics_keys = max_metrics_keys
+        self.max_metrics_bytes = max_metrics_bytes
+        self.refused_streams = 0  # streams refused at the door (too many unregistered)
         self.grpc_options = list(grpc_options)
         self.on_register = on_register
         self.round = 0  # the round being run, for the status
@@ -197,7 +251,9 @@ class FleetServer:
         self._stop = threading.Event()
         self._stopping = False
         self._server: grpc.Server | None = None
+        self._pool: ElasticThreadPool | None = None
         self._watcher: threading.Thread | None = None
+        self._allow_list_version = -1
         self._started = 0.0
         self._ids = itertools.count(1)
 
@@ -223,12 +279,13 @@ class FleetServer:
             "grpc.so_reuseport": 0,  # a second server on the same port must fail, not share
         }
         options.update(self.grpc_options)  # the caller's settings win
+        self._pool = ElasticThreadPool(
+            self.max_streams + 16, idle_s=self.thread_idle_s, name="pollinate-grpc"
+        )
         server = grpc.server(
-            futures.ThreadPoolExecutor(
-                max_workers=self.max_connections + 16, thread_name_prefix="pollinate-grpc"
-            ),
+            self._pool,
             options=list(options.items()),
-            maximum_concurrent_rpcs=self.max_connections + 8,  # each stream holds a thread
+            maximum_concurrent_rpcs=self.max_streams + 8,  # each stream holds a thread
         )
         _add_servicer(_Servicer(self), server)
         try:
@@ -285,6 +342,8 @@ class FleetServer:
             log.warning("the gRPC server did not finish shutting down within %.0f s", grace + 10)
         if self._watcher is not None:
             self._watcher.join()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
         self._server = None
 
     def __enter__(self) -> FleetServer:
@@ -320,9 +379,42 @@ class FleetServer:
             "heartbeat_s": self.heartbeat_s,
             "result_memory_bytes": self.result_memory.limit,
             "results_held_bytes": self.result_memory.held,
-            "uptime_s": round(time.monotonic() - self._started, 1) if self._started else 0.0,
+            "stall_s": self.stall_s,
+            "max_streams": self.max_streams,
+            "max_unregistered": self.max_unregistered,
+            "max_metrics_keys": self.max_metrics_keys,
+            "max_metrics_bytes": self.max_metrics_bytes,
+            "refused_streams": self.refused_streams,
+            "uptime_s": self._uptime(),
             **self.progress,
         }
+
+    def status_for(self, request: pb.StatusRequest) -> dict[str, Any]:
+        """What ``Fleet.Status`` answers ``request``: the full :meth:`status` when the request
+        is signed by an allow-listed client (or the server authenticates nobody), otherwise
+        only counts: run id, round, how many clients are connected, and why no more."""
+        if not self.authenticates:
+            return self.status()
+        why = "send the request signed with an allow-listed client's key for the full status"
+        if request.HasField("signed"):
+            try:
+                self._verify("status", request.client_id, status_digest(), request)
+                return self.status()
+            except AuthError as e:
+                why = str(e)
+        with self._lock:
+            count = len(self._clients)
+        return {
+            "run_id": self.run_id,
+            "round": self.round,
+            "clients": count,
+            "uptime_s": self._uptime(),
+            "authenticated": False,
+            "details": why,
+        }
+
+    def _uptime(self) -> float:
+        return round(time.monotonic() - self._started, 1) if self._started else 0.0
 
     def _join(
         self, requests: Iterator[pb.ClientMessage | Malformed], context: grpc.ServicerContext
@@ -331,7 +423,24 @@ class FleetServer:
         with self._lock:
             if self._stopping:
                 return iter(())
-            self._all.add(conn)
+            waiting = sum(1 for c in self._all if c.client_id is None and not c.closed)
+            if waiting < self.max_unregistered:
+                self._all.add(conn)
+            else:
+                self.refused_streams += 1
+        if conn not in self._all:  # shed a flood of streams that do not register
+            if self.refused_streams in (1, 10, 100) or self.refused_streams % 1000 == 0:
+                log.warning(
+                    "refused %d streams so far: %d streams have not registered yet "
+                    "(max_unregistered)",
+                    self.refused_streams,
+                    waiting,
+                )
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the server has {waiting} streams that have not registered yet (its maximum); "
+                "try again later",
+            )
         context.add_callback(conn.ended)
         threading.Thread(
             target=conn.read, args=(requests,), name="pollinate-reader", daemon=True
@@ -355,10 +464,12 @@ class FleetServer:
                 self.on_register(cid, key)
             except PollinateError as e:
                 raise ProtocolError(str(e)) from None
+        listed = self._listed_keys().get(cid, "") if self.authenticates else ""
         with self._lock:
             if self._stopping or conn.closed:
                 return  # the stream is ending anyway; no Reject: the client may come back
             old = self._clients.get(cid)
+            conn.public_key = listed
             conn.client_id = cid
             self._clients[cid] = conn
             self._changed.notify_all()
@@ -374,6 +485,8 @@ class FleetServer:
                     heartbeat_s=self.heartbeat_s,
                     chunk_bytes=self.chunk_bytes,
                     max_payload_bytes=self.max_payload_bytes,
+                    max_metrics_keys=self.max_metrics_keys,
+                    max_metrics_bytes=self.max_metrics_bytes,
                 )
             )
         )
@@ -384,7 +497,7 @@ class FleetServer:
         kind: str,
         client_id: int,
         digest: bytes,
-        msg: pb.Register | pb.Result,
+        msg: pb.Register | pb.Result | pb.StatusRequest,
         public_key: str | None = None,
     ) -> None:
         if not self.authenticates:
@@ -399,6 +512,44 @@ class FleetServer:
             kind, client_id, digest, from_signed(msg.signed), public_key=public_key
         )
 
+    def _listed_keys(self) -> dict[int, str]:
+        """The allow-list now: client id -> base64 public key ({} without one)."""
+        if self.verifier is None or self.verifier.allow_list is None:
+            return {}
+        try:
+            return self.verifier.allow_list.listed()
+        except ConfigError:  # unreadable right now: every request is refused until fixed
+            return {}
+
+    def _revoke(self) -> None:
+        """Close the stream of every client whose line left the allow-list (or whose key on it
+        changed) since it registered: revocation takes effect at once."""
+        allow_list = self.verifier.allow_list if self.verifier is not None else None
+        if allow_list is None:
+            return
+        try:
+            listed = allow_list.listed()
+        except ConfigError:
+            return  # a malformed file refuses every request until fixed; streams stay
+        if allow_list.version == self._allow_list_version:
+            return
+        self._allow_list_version = allow_list.version
+        with self._lock:
+            registered = list(self._clients.items())
+        for cid, conn in registered:
+            key = listed.get(cid)
+            if key is None:
+                conn.close(
+                    f"client {cid} was removed from the server's allow-list (revoked)",
+                    reject=True,
+                )
+            elif conn.public_key and key != conn.public_key:
+                conn.close(
+                    f"client {cid}'s key on the server's allow-list was replaced; the client "
+                    "must register again with the new key",
+                    reject=True,
+                )
+
     def _forget(self, conn: Connection, *, finished: bool = False) -> None:
         with self._lock:
             if conn.client_id is not None and self._clients.get(conn.client_id) is conn:
@@ -408,10 +559,12 @@ class FleetServer:
                 self._all.discard(conn)
 
     def _watch(self) -> None:
-        """Close connections that went silent; cancel closed streams that do not end."""
-        period = min(0.5, self.heartbeat_s / 4)
+        """Close connections that went silent, that never registered, whose result stalled or
+        whose client was revoked; cancel closed streams that do not end."""
+        period = min(0.5, self.heartbeat_s / 4, self.stall_s / 4, self.register_timeout_s / 4)
         dead_after = 3 * self.heartbeat_s
         while not self._stop.wait(period):
+            self._revoke()
             now = time.monotonic()
             with self._lock:
                 conns = list(self._all)
@@ -422,6 +575,13 @@ class FleetServer:
                         conn.close(
                             f"no message for {silent:.1f} s (3 x heartbeat_s = {dead_after:g} s)"
                         )
+                    elif not conn.spoke and now - conn.opened > self.register_timeout_s:
+                        conn.close(
+                            f"no Register within {self.register_timeout_s:g} s of connecting "
+                            "(register_timeout_s)"
+                        )
+                    elif (stalled := conn.stalled(now, self.stall_s)) is not None:
+                        conn.close(stalled)
                 elif not conn.finished and now - conn.closed_at > CLOSE_GRACE_S:
                     conn.finished = True
                     conn.context.cancel()
@@ -437,11 +597,13 @@ class FleetServer:
         config: Config,
         arrays: Broadcast,
         sink: queue.Queue[Any],
+        max_result_bytes: int | None = None,
     ) -> Pending | None:
         with self._lock:
             conn = self._clients.get(client_id)
         if conn is None:
             return None
+        limit = min(self.max_payload_bytes, max_result_bytes or self.max_payload_bytes)
         task_id = f"{round_number}.{kind}.{client_id}.{next(self._ids)}"
         header = pb.ServerMessage(
             task=pb.Task(
@@ -451,9 +613,10 @@ class FleetServer:
                 config_json=dumps_scalars(config, "config"),
                 payload_size=arrays.size,
                 payload_sha256=arrays.sha256,
+                max_result_bytes=limit,
             )
         )
-        pending = Pending(task_id, client_id, kind, sink, conn)
+        pending = Pending(task_id, client_id, kind, sink, conn, limit)
         return pending if conn.give(pending, header, arrays) else None
 
 
@@ -463,12 +626,35 @@ class GrpcExecutor:
     Like the simulation executor it adds each client's ``seed`` to the task config (same
     seeds as in simulation), and with ``deterministic=True`` hands outcomes on in client-id
     order. The round's Arrays are serialized once and the same chunks go to every client.
+
+    Each task bounds the result it accepts: ``max_result_bytes`` if ``submit`` is given one
+    (e.g. by a strategy that compresses updates, or another framework's serialization), else
+    the task's serialized Arrays × ``result_size_factor``, at least ``min_result_bytes``. A
+    client that declares more is refused before anything is reserved for it.
     """
 
-    def __init__(self, fleet: FleetServer, *, seed: int = 0, deterministic: bool = False) -> None:
+    def __init__(
+        self,
+        fleet: FleetServer,
+        *,
+        seed: int = 0,
+        deterministic: bool = False,
+        result_size_factor: float = DEFAULT_RESULT_SIZE_FACTOR,
+        min_result_bytes: int = DEFAULT_MIN_RESULT_BYTES,
+    ) -> None:
+        if not (isinstance(result_size_factor, (int, float)) and result_size_factor >= 1):
+            raise ConfigError(f"result_size_factor must be >= 1, got {result_size_factor}")
+        if min_result_bytes < 1:
+            raise ConfigError(f"min_result_bytes must be >= 1, got {min_result_bytes}")
         self.fleet = fleet
         self.seed = seed
         self.deterministic = deterministic
+        self.result_size_factor = float(result_size_factor)
+        self.min_result_bytes = min_result_bytes
+
+    def expected_result_bytes(self, payload_bytes: int) -> int:
+        """The largest result accepted for a task whose Arrays take ``payload_bytes``."""
+        return max(self.min_result_bytes, math.ceil(payload_bytes * self.result_size_factor))
 
     def submit(
         self,
@@ -476,8 +662,13 @@ class GrpcExecutor:
         kind: TaskKind,
         plan: Sequence[tuple[ClientId, Instructions]],
         timeout_s: float,
+        *,
+        max_result_bytes: int | None = None,
     ) -> Iterator[Outcome]:
-        stream = self._stream(round_number, kind, plan, time.monotonic() + timeout_s)
+        if max_result_bytes is not None and max_result_bytes < 1:
+            raise ConfigError(f"max_result_bytes must be >= 1, got {max_result_bytes}")
+        deadline = time.monotonic() + timeout_s
+        stream = self._stream(round_number, kind, plan, deadline, max_result_bytes)
         return in_order(stream, self.deterministic)
 
     def _stream(
@@ -486,6 +677,7 @@ class GrpcExecutor:
         kind: TaskKind,
         plan: Sequence[tuple[ClientId, Instructions]],
         deadline: float,
+        max_result_bytes: int | None = None,
     ) -> Iterator[Outcome]:
         self.fleet.round = round_number
         sink: queue.Queue[Any] = queue.Queue()
@@ -498,7 +690,9 @@ class GrpcExecutor:
                 if key not in payloads:
                     payloads[key] = broadcast(ins.arrays, self.fleet.chunk_bytes)
                 config = {**ins.config, "seed": task_seed(self.seed, round_number, cid)}
-                pending = self.fleet._give(cid, kind, round_number, config, payloads[key], sink)
+                payload = payloads[key]
+                limit = max_result_bytes or self.expected_result_bytes(payload.size)
+                pending = self.fleet._give(cid, kind, round_number, config, payload, sink, limit)
                 if pending is None:
                     absent.append(Outcome(cid, kind, error=f"client {cid} is not connected"))
                 else:
