@@ -186,6 +186,31 @@ def test_deployed_run_equals_simulation(cluster: Cluster) -> None:
     assert "finished all 3 rounds" in cluster.log("client0")
 
 
+@pytest.mark.parametrize(
+    ("strategy", "keys"),
+    [
+        ("fedprox", {"proximal_mu": 0.1}),
+        ("fednova", {}),
+        ("qfedavg", {"q": 0.5}),
+        ("multikrum", {"num_malicious": 1, "min_train_clients": 5}),
+    ],
+)
+def test_strategies_over_grpc_equal_the_simulation(
+    cluster: Cluster, strategy: str, keys: dict[str, object]
+) -> None:
+    """Each family's client and server halves work with real client processes, and the
+    deployed model is bit-identical to the deterministic simulation."""
+    folder = cluster.folder
+    write_config(folder, rounds=2, clients=5, name=strategy, **keys)
+    port = free_port()
+    server = cluster.start("server", *server_args(port))
+    for i in range(5):
+        cluster.start(f"client{i}", *client_args(port, i), "--threads", "1")
+    assert server.wait(timeout=300) == 0, cluster.log("server")
+    deployed, _ = load_checkpoint(folder / "runs/deployed/checkpoints/last.npz")
+    assert_same_model(deployed, simulated(folder))
+
+
 def test_client_killed_mid_round_then_rejoins(cluster: Cluster) -> None:
     folder = cluster.folder
     write_config(folder, rounds=4, clients=4, min_train_clients=2, round_timeout_s=120)
