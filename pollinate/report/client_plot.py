@@ -8,8 +8,11 @@ Both panels measure on every client's *own* test part, never on the server's tes
   (``record["clients"][id]["train"]["local_accuracy"]``, present with ``train.local_evaluation``).
 
 Per round: the median and the 10–90 % percentile band over the clients that reported it that
-round. At most MAX_HIGHLIGHTED clients are drawn one by one, the same ones in both panels and
-chosen deterministically (evenly spread from the lowest to the highest mean accuracy among the
+round; with more than MAX_BAND_POINTS measured rounds (an asynchronous run's server steps),
+over the clients of each window of consecutive rounds, so at most MAX_BAND_POINTS points.
+
+At most MAX_HIGHLIGHTED clients are drawn one by one, the same ones in both panels and chosen
+deterministically (evenly spread from the lowest to the highest mean accuracy among the
 clients that took part most); each has a marker on every round it took part in, and a line
 only between consecutive measured rounds it took part in both — a round without it is a gap.
 The drawing is a band, a median, a reference line and at most MAX_HIGHLIGHTED client lines per
@@ -34,6 +37,7 @@ if TYPE_CHECKING:
 
 CLIENT_ACCURACY_PNG = "client_accuracy.png"
 MAX_HIGHLIGHTED = 5
+MAX_BAND_POINTS = 200  # more measured rounds: the band pools windows of consecutive rounds
 BAND = (10.0, 90.0)  # percentiles of the band
 
 # (task, key, title) of each panel, in drawing order.
@@ -50,17 +54,23 @@ _BAND_COLOR = "tab:blue"
 
 @dataclass(frozen=True)
 class ClientPanel:
-    """One accuracy of the clients (``record["clients"][id][task][key]``) per measured round."""
+    """One accuracy of the clients (``record["clients"][id][task][key]``) over the rounds.
+
+    The band's arrays are per band point: one measured round, or a window of ``window``
+    consecutive measured rounds (the last window may be shorter) at their mean round.
+    """
 
     task: str
     key: str
     title: str
     rounds: np.ndarray  # the rounds where at least one client reported it, ascending
     count: np.ndarray  # how many clients reported it, per round
-    median: np.ndarray
-    low: np.ndarray  # the BAND[0] percentile, per round
-    high: np.ndarray  # the BAND[1] percentile, per round
     clients: dict[str, np.ndarray]  # highlighted client → its value per round, NaN: absent
+    window: int  # measured rounds pooled into one band point
+    band_x: np.ndarray  # each band point's round (a window's mean round)
+    median: np.ndarray
+    low: np.ndarray  # the BAND[0] percentile
+    high: np.ndarray  # the BAND[1] percentile
 
 
 def client_accuracy_panels(
@@ -89,23 +99,24 @@ def client_accuracy_figure(history: Mapping[str, Any]) -> Figure | None:
     highlighted = list(panels[0].clients)
     palette = _highlight_colors(len(highlighted))
     central_rounds, central_values = metric_series(history, "centralized", "accuracy")
+    pooled = any(panel.window > 1 for panel in panels)
+    where = f"a window of {step}s (see the title)" if pooled else f"the {step}"
     for ax, panel in zip(axes, panels):
-        x = panel.rounds
         ax.fill_between(
-            x,
+            panel.band_x,
             panel.low,
             panel.high,
             color=_BAND_COLOR,
             alpha=0.22,
             linewidth=0,
-            label=f"{BAND[0]:g}–{BAND[1]:g}% of the clients in the {step}",
+            label=f"{BAND[0]:g}–{BAND[1]:g}% of the clients in {where}",
         )
         ax.plot(
-            x,
+            panel.band_x,
             panel.median,
             color=_BAND_COLOR,
             linewidth=2,
-            marker=marker_for(len(x)),
+            marker=marker_for(len(panel.band_x)),
             markersize=3,
             label="median client",
         )
@@ -114,7 +125,7 @@ def client_accuracy_figure(history: Mapping[str, Any]) -> Figure | None:
             if np.isnan(values).all():
                 continue
             ax.plot(
-                x,
+                panel.rounds,
                 values,  # NaN where the client did not take part: no line across the gap
                 color=color,
                 linewidth=1,
@@ -132,7 +143,9 @@ def client_accuracy_figure(history: Mapping[str, Any]) -> Figure | None:
                 linestyle="--",
                 label="global model on the server's test set (centralized)",
             )
-        title = f"{panel.title}, {_count_text(panel.count)} clients per {step}"
+        title = f"{panel.title}, {_count_text(panel.count)} per {step}"
+        if panel.window > 1:
+            title += f";\nband and median over windows of {panel.window} {step}s"
         decorate(ax, title, step, "")
     axes[0].set_ylabel("accuracy on the client's own test data")
     _legend(fig, axes, highlighted)
@@ -207,9 +220,14 @@ def _panel(
 ) -> ClientPanel:
     task, key, title = spec
     rounds = sorted(per_round)
-    stats = np.array(
-        [np.percentile(list(per_round[r].values()), (BAND[0], 50.0, BAND[1])) for r in rounds]
-    )
+    window = -(-len(rounds) // MAX_BAND_POINTS)  # ceil: at most MAX_BAND_POINTS windows
+    band_x, stats = [], []
+    for start in range(0, len(rounds), window):
+        group = rounds[start : start + window]
+        pooled = [value for r in group for value in per_round[r].values()]
+        band_x.append(float(np.mean(group)))
+        stats.append(np.percentile(pooled, (BAND[0], 50.0, BAND[1])))
+    table = np.array(stats)
     clients = {
         cid: np.array([per_round[r].get(cid, np.nan) for r in rounds], dtype=float)
         for cid in chosen
@@ -220,10 +238,12 @@ def _panel(
         title=title,
         rounds=np.array(rounds, dtype=int),
         count=np.array([len(per_round[r]) for r in rounds], dtype=int),
-        median=stats[:, 1],
-        low=stats[:, 0],
-        high=stats[:, 2],
         clients=clients,
+        window=window,
+        band_x=np.array(band_x),
+        median=table[:, 1],
+        low=table[:, 0],
+        high=table[:, 2],
     )
 
 
@@ -231,8 +251,11 @@ def _panel(
 
 
 def _count_text(count: np.ndarray) -> str:
+    """How many clients reported, per round: "1 client", "10 clients" or "5–10 clients"."""
     low, high = int(count.min()), int(count.max())
-    return str(low) if low == high else f"{low}–{high}"
+    if low == high:
+        return f"{low} client{'' if low == 1 else 's'}"
+    return f"{low}–{high} clients"
 
 
 def _highlight_colors(n: int) -> list[Any]:

@@ -13,7 +13,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,6 +28,9 @@ from pollinate.report.drawing import (
     unit_for,
 )
 from pollinate.report.files import finite_number
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 ACCURACY_TIME_PNG = "accuracy_time.png"
 ACCURACY_BYTES_PNG = "accuracy_bytes.png"
@@ -71,6 +74,23 @@ def plot_accuracy_time(history: Mapping[str, Any], out_dir: str | os.PathLike[st
 
     Returns None, writing nothing, without environment data or accuracy at those rounds.
     """
+    fig = accuracy_time_figure(history)
+    return None if fig is None else save(fig, Path(out_dir) / ACCURACY_TIME_PNG)
+
+
+def plot_accuracy_bytes(history: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> Path | None:
+    """Plot the global model's accuracy against cumulative bytes sent (accuracy_bytes.png).
+
+    Two panels: bytes uploaded by the clients (``bytes_up``: what update compression
+    shrinks) and bytes sent both ways (``bytes_down + bytes_up``). Returns None, writing
+    nothing, without environment data or accuracy at those rounds.
+    """
+    fig = accuracy_bytes_figure(history)
+    return None if fig is None else save(fig, Path(out_dir) / ACCURACY_BYTES_PNG)
+
+
+def accuracy_time_figure(history: Mapping[str, Any]) -> Figure | None:
+    """The figure of accuracy_time.png, or None without the data it needs."""
     series = cumulative_cost(history, "simulated_time_s")
     lines = _accuracy_at(history, series)
     if not lines:
@@ -87,16 +107,11 @@ def plot_accuracy_time(history: Mapping[str, Any], out_dir: str | os.PathLike[st
         integer_x=False,
     )
     ax.legend(loc="best", fontsize="small", title=f"one point per {step_label(history)}")
-    return save(fig, Path(out_dir) / ACCURACY_TIME_PNG)
+    return fig
 
 
-def plot_accuracy_bytes(history: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> Path | None:
-    """Plot the global model's accuracy against cumulative bytes sent (accuracy_bytes.png).
-
-    Two panels: bytes uploaded by the clients (``bytes_up``: what update compression
-    shrinks) and bytes sent both ways (``bytes_down + bytes_up``). Returns None, writing
-    nothing, without environment data or accuracy at those rounds.
-    """
+def accuracy_bytes_figure(history: Mapping[str, Any]) -> Figure | None:
+    """The figure of accuracy_bytes.png, or None without the data it needs."""
     panels = [
         ("Uploaded by the clients", "clients → server", ("bytes_up",)),
         ("Sent both ways", "server → clients + clients → server", ("bytes_down", "bytes_up")),
@@ -118,7 +133,7 @@ def plot_accuracy_bytes(history: Mapping[str, Any], out_dir: str | os.PathLike[s
     axes[0].set_ylabel("accuracy")
     axes[0].legend(loc="best", fontsize="small", title=f"one point per {step_label(history)}")
     fig.suptitle("Global model accuracy against bytes sent")
-    return save(fig, Path(out_dir) / ACCURACY_BYTES_PNG)
+    return fig
 
 
 def _accuracy_at(
