@@ -337,6 +337,16 @@ def test_client_accuracy_with_one_client(tmp_path: Path) -> None:
     assert_png(plot_client_accuracy(history, tmp_path))
 
 
+def test_client_accuracy_of_a_single_round_is_framed_and_visible() -> None:
+    fig = client_accuracy_figure(client_history({1: {0: 0.2, 1: 0.4, 2: 0.9}}))
+    assert fig is not None
+    (ax,) = fig.axes
+    assert ax.get_xlim() == (0.5, 1.5) and ax.get_xticks().tolist() == [1]
+    assert len(ax.collections) == 2  # the band: an empty area and its one-round bar
+    central = lines_by_label(ax)["global model on the server's test set (centralized)"]
+    assert central.get_marker() == "D"  # one point: a marker, not an invisible line
+
+
 def test_client_accuracy_with_two_clients(tmp_path: Path) -> None:
     history = client_history(
         {1: {0: 0.2, 1: 0.6}, 2: {0: 0.4, 1: 0.8}}, local={1: {0: 0.5, 1: 0.7}}

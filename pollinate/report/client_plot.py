@@ -111,13 +111,15 @@ def client_accuracy_figure(history: Mapping[str, Any]) -> Figure | None:
             linewidth=0,
             label=f"{BAND[0]:g}–{BAND[1]:g}% of the clients in {where}",
         )
+        if len(panel.band_x) == 1:  # a band one round wide has no area: draw it as a bar
+            ax.vlines(panel.band_x, panel.low, panel.high, color=_BAND_COLOR, alpha=0.22, lw=12)
         ax.plot(
             panel.band_x,
             panel.median,
             color=_BAND_COLOR,
             linewidth=2,
             marker=marker_for(len(panel.band_x)),
-            markersize=3,
+            markersize=4,
             label="median client",
         )
         for cid, color in zip(highlighted, palette):
@@ -141,6 +143,8 @@ def client_accuracy_figure(history: Mapping[str, Any]) -> Figure | None:
                 color="black",
                 linewidth=1.2,
                 linestyle="--",
+                marker="D" if len(central_rounds) == 1 else None,  # one round: no line to see
+                markersize=4,
                 label="global model on the server's test set (centralized)",
             )
         title = f"{panel.title}, {_count_text(panel.count)} per {step}"

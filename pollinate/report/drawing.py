@@ -54,7 +54,8 @@ def figure(width: float = 8.0, height: float = 4.5) -> Figure:
 
 
 def decorate(ax: Axes, title: str, xlabel: str, ylabel: str, integer_x: bool = True) -> None:
-    """Title, axis labels, a light grid, and integer ticks on a round axis."""
+    """Title, axis labels, a light grid, and integer ticks on a round axis (call it after
+    drawing: a single round is framed by half a round on each side)."""
     from matplotlib.ticker import MaxNLocator
 
     ax.set_title(title)
@@ -62,6 +63,10 @@ def decorate(ax: Axes, title: str, xlabel: str, ylabel: str, integer_x: bool = T
     ax.set_ylabel(ylabel)
     if integer_x:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        low, high = ax.dataLim.intervalx
+        if low == high and np.isfinite(low):  # one round: frame it rather than zoom on it
+            ax.set_xlim(low - 0.5, high + 0.5)
+            ax.set_xticks([low])
     ax.grid(True, alpha=0.3)
 
 
