@@ -265,7 +265,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             summary.append(f"centralized accuracy {acc:.4f}")
         if fed is not None:
             summary.append(f"federated accuracy {fed:.4f}")
-        print(f"finished {len(result.history.rounds)} rounds: {', '.join(summary)}")
+        n = len(result.history.rounds)
+        print(f"finished {n} round{'' if n == 1 else 's'}: {', '.join(summary)}")
         print(f"history: {out / 'history.json'}")
         print(f"plots:   {', '.join(str(p) for p in sorted(out.glob('*.png')))}")
         print(f"report:  {out / 'report.html'}")
@@ -394,7 +395,8 @@ def _cmd_server(args: argparse.Namespace) -> int:
     cfg = config.load(args.config, args.overrides)
     result = serve(cfg, args.address, security, fresh=args.fresh, quiet=args.quiet, **transport)
     if not args.quiet:
-        print(f"finished {len(result.history.rounds)} rounds; run folder: {cfg.output_dir}")
+        n = len(result.history.rounds)
+        print(f"finished {n} round{'' if n == 1 else 's'}; run folder: {cfg.output_dir}")
     return 0
 
 

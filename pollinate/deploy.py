@@ -171,8 +171,9 @@ def _serve(
             strategy.load_state(state.strategy_state(last))  # momentum, moments, variates …
         if last >= cfg.run.rounds:
             print(  # not a log line: -q must not hide why the server exits at once
-                f"pollinate server {state.run_id[:8]}: the run already finished all {last} "
-                f"rounds; nothing to do (--fresh starts a new run)",
+                f"pollinate server {state.run_id[:8]}: the run already finished "
+                f"{'its 1 round' if last == 1 else f'all {last} rounds'}; nothing to do "
+                "(--fresh starts a new run)",
                 flush=True,
             )
             RunFolderWriter(cfg.output_dir, history).on_run_end(history, None)
@@ -230,7 +231,10 @@ def _serve(
                 _record_failure(state, cfg, exc)
                 raise
             state.set_status("finished")
-            fleet.stop(finished=f"the run finished all {cfg.run.rounds} rounds")
+            n = cfg.run.rounds
+            fleet.stop(
+                finished=f"the run finished {'its 1 round' if n == 1 else f'all {n} rounds'}"
+            )
             return result
         finally:
             fleet.stop()

@@ -64,6 +64,8 @@ def resume_point(folder: Path, config: dict[str, Any]) -> ResumePoint | None:
         ) from exc
     if not history["rounds"]:
         return None
+    done = len(history["rounds"])
+    rounds_done = f"{done} round{'' if done == 1 else 's'}"
     stored = json.loads(json.dumps(to_json_safe(history["config"])))
     given = json.loads(json.dumps(to_json_safe(config)))
     for c in (stored, given):  # more rounds continue a run: run.rounds may differ
@@ -71,14 +73,14 @@ def resume_point(folder: Path, config: dict[str, Any]) -> ResumePoint | None:
     if stored != given:
         _, details = config_differences(stored, given)
         raise ConfigError(
-            f"{folder} holds a run of another config ({len(history['rounds'])} rounds done); "
+            f"{folder} holds a run of another config ({rounds_done} done); "
             f"it differs in: {'; '.join(details[:8])}. Pass --fresh to move the old run aside "
             "and start again, choose another run.output, or resume with the same config"
         )
     checkpoint = folder / LAST_CHECKPOINT
     if not checkpoint.is_file():
         raise ConfigError(
-            f"{folder} holds {len(history['rounds'])} completed rounds but no {LAST_CHECKPOINT}; "
+            f"{folder} holds {rounds_done} completed but no {LAST_CHECKPOINT}; "
             "pass --fresh to move the old run aside and start again"
         )
     arrays, meta = load_checkpoint(checkpoint)

@@ -270,7 +270,8 @@ def find_noise_multiplier(
         if hi > max_noise_multiplier:
             raise ConfigError(
                 f"no noise multiplier up to {max_noise_multiplier:g} reaches ε = "
-                f"{target_epsilon} at δ = {delta} after {rounds} rounds; raise the target, "
+                f"{target_epsilon} at δ = {delta} after {rounds} round"
+                f"{'' if rounds == 1 else 's'}; raise the target, "
                 "lower the rounds or sample fewer clients per round"
             )
     while hi - lo > rtol * hi:

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from pollinate.report.client_plot import plot_client_accuracy
+from pollinate.report.cost_plots import plot_accuracy_bytes, plot_accuracy_time
 from pollinate.report.files import (
     HISTORY_FILE,
     METRICS_FILE,
@@ -20,20 +22,18 @@ from pollinate.report.files import (
     write_json_atomic,
     write_metrics_csv,
 )
-from pollinate.report.html import write_report
+from pollinate.report.html import HISTORY_PLOTS, write_report
 from pollinate.report.plots import (
-    ACCURACY_PNG,
-    CLIENT_ACCURACY_PNG,
-    LOSS_PNG,
     PARTITIONS_PNG,
     plot_accuracy,
-    plot_client_accuracy,
     plot_label_distribution,
     plot_loss,
 )
 
 __all__ = [
     "plot_accuracy",
+    "plot_accuracy_bytes",
+    "plot_accuracy_time",
     "plot_client_accuracy",
     "plot_label_distribution",
     "plot_loss",
@@ -54,8 +54,10 @@ def write_run_outputs(
 ) -> list[Path]:
     """Write history.json, metrics.csv and every plot the data allows; return their paths.
 
-    A history plot whose data is absent is not written, and a stale one left in
-    ``run_dir`` by an earlier run is removed (a plot never shows another run's numbers).
+    A history plot whose data is absent is not written, and a stale one left in ``run_dir``
+    by an earlier run is removed (a plot never shows another run's numbers):
+    accuracy_time.png and accuracy_bytes.png, e.g., need the rounds' ``environment`` records
+    (a run on the virtual clock).
     partitions.png is written only when ``label_counts`` (clients × classes) is given.
     """
     folder = Path(run_dir)
@@ -63,11 +65,7 @@ def write_run_outputs(
         write_history(folder / HISTORY_FILE, history),
         write_metrics_csv(folder / METRICS_FILE, history),
     ]
-    for name, plot in (
-        (ACCURACY_PNG, plot_accuracy),
-        (LOSS_PNG, plot_loss),
-        (CLIENT_ACCURACY_PNG, plot_client_accuracy),
-    ):
+    for name, plot in HISTORY_PLOTS:
         path = plot(history, folder)
         if path is None:
             (folder / name).unlink(missing_ok=True)

@@ -38,6 +38,9 @@ METRICS_COLUMNS = (
 )
 # Round entries that are per-client detail, not per-round scalars.
 _NOT_FLATTENED = ("round", "wall_s", "clients", "failures")
+# A nested table of this name is per-client detail too (e.g. environment.clients), whatever
+# section it is in: one column per client would grow the table with the population.
+_PER_CLIENT = "clients"
 
 CellValue = int | float | str | bool | None
 
@@ -199,7 +202,8 @@ def flatten_round(entry: Mapping[str, Any]) -> dict[str, CellValue]:
     """One round as flat ``section_key`` scalars (e.g. ``centralized_accuracy``).
 
     ``train.metrics.loss`` becomes ``train_loss`` (``train_metrics_loss`` if that name is
-    taken); per-client detail (``clients``, ``failures``) is left out. Non-finite → None.
+    taken); per-client detail (``clients``, ``failures``, and a ``clients`` table inside any
+    section, such as ``environment.clients``) is left out. Non-finite → None.
     """
     flat: dict[str, CellValue] = {
         "round": _cell(entry.get("round")),
@@ -219,7 +223,8 @@ def _flatten_into(flat: dict[str, CellValue], prefix: str, values: Mapping[str, 
     nested = []
     for key, value in values.items():
         if isinstance(value, Mapping):
-            nested.append((str(key), value))
+            if key != _PER_CLIENT:
+                nested.append((str(key), value))
         elif _is_scalar(value):
             flat[f"{prefix}_{key}"] = _cell(value)
     for key, value in nested:  # after the scalars, so a section's own keys win a name clash

@@ -15,6 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from pollinate.errors import DataError
+from pollinate.report.client_plot import CLIENT_ACCURACY_PNG, plot_client_accuracy
+from pollinate.report.cost_plots import (
+    ACCURACY_BYTES_PNG,
+    ACCURACY_TIME_PNG,
+    plot_accuracy_bytes,
+    plot_accuracy_time,
+)
+from pollinate.report.drawing import step_label
 from pollinate.report.files import (
     HISTORY_FILE,
     CellValue,
@@ -25,27 +33,34 @@ from pollinate.report.files import (
 )
 from pollinate.report.plots import (
     ACCURACY_PNG,
-    CLIENT_ACCURACY_PNG,
     LOSS_PNG,
     PARTITIONS_PNG,
     plot_accuracy,
-    plot_client_accuracy,
     plot_loss,
 )
+from pollinate.report.summary import describe_experiment
 
 REPORT_FILE = "report.html"
 MAX_FAILURES_SHOWN = 200
 
-# Plots drawn from the history (recreated when missing), then ones only a run can draw.
-_HISTORY_PLOTS: tuple[tuple[str, Callable[[Mapping[str, Any], Path], Path | None]], ...] = (
+# Plots drawn from the history (recreated when missing), in the report's order; then the
+# ones only a run can draw (partitions.png needs the data set).
+HISTORY_PLOTS: tuple[tuple[str, Callable[[Mapping[str, Any], Path], Path | None]], ...] = (
     (ACCURACY_PNG, plot_accuracy),
     (LOSS_PNG, plot_loss),
     (CLIENT_ACCURACY_PNG, plot_client_accuracy),
+    (ACCURACY_TIME_PNG, plot_accuracy_time),
+    (ACCURACY_BYTES_PNG, plot_accuracy_bytes),
 )
 _PLOT_TITLES = {
-    ACCURACY_PNG: "Global model accuracy",
+    ACCURACY_PNG: "Global model accuracy: centralized on the server's test set, federated on "
+    "the clients' test data",
     LOSS_PNG: "Global model loss",
-    CLIENT_ACCURACY_PNG: "Each client's accuracy vs the global model",
+    CLIENT_ACCURACY_PNG: "Accuracy on each client's own test data, over the clients of each "
+    "round: the global model (federated evaluation) and each client's trained model (local "
+    "evaluation); median, 10–90% band, and a few clients one by one",
+    ACCURACY_TIME_PNG: "Global model accuracy against simulated time on the virtual clock",
+    ACCURACY_BYTES_PNG: "Global model accuracy against bytes sent (uploaded, and both ways)",
     PARTITIONS_PNG: "Label distribution per client",
 }
 
@@ -57,7 +72,9 @@ h1 { margin-bottom: 0.2rem; } h2 { margin-top: 2.2rem; border-bottom: 1px solid 
 table { border-collapse: collapse; font-size: 0.9rem; }
 th, td { border: 1px solid #d0d7de; padding: 0.25rem 0.6rem; text-align: right; }
 th { background: #f6f8fa; } td.key, th.key { text-align: left; }
-.scroll { overflow-x: auto; max-height: 40rem; overflow-y: auto; }
+.scroll { overflow-x: auto; overflow-y: auto; max-width: 100%; max-height: 40rem;
+          margin: 0.5rem 0; }
+.scroll th { white-space: nowrap; }
 figure { margin: 1.5rem 0; } figcaption { color: #59636e; font-size: 0.9rem; }
 img { max-width: 100%; height: auto; border: 1px solid #d0d7de; }
 pre { background: #f6f8fa; padding: 1rem; overflow-x: auto; font-size: 0.85rem; }
@@ -68,8 +85,9 @@ pre { background: #f6f8fa; padding: 1rem; overflow-x: auto; font-size: 0.85rem; 
 def write_report(run_dir: str | os.PathLike[str]) -> Path:
     """Write ``run_dir/report.html`` from ``run_dir/history.json`` and return its path.
 
-    Plots that the history can draw (accuracy, loss, client accuracy) are created when
-    missing; every PNG in the folder is embedded, so the page needs no other file.
+    Plots that the history can draw (HISTORY_PLOTS) are created when missing; every PNG in
+    the folder is embedded, so the page needs no other file. Every table sits in its own
+    scrolling box, so a wide one never widens the page.
     """
     folder = Path(run_dir)
     if not (folder / HISTORY_FILE).is_file():
@@ -78,7 +96,7 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
             "(the [run] output setting)"
         )
     history = read_history(folder / HISTORY_FILE)
-    for name, plot in _HISTORY_PLOTS:
+    for name, plot in HISTORY_PLOTS:
         if not (folder / name).is_file():
             plot(history, folder)
 
@@ -110,6 +128,11 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
     with atomic_open(out) as handle:
         handle.write("\n".join(p for p in parts if p) + "\n")
     return out
+
+
+def _scrolling(table: str) -> str:
+    """``table`` in a box that scrolls (overflow: auto) when the table is wider than the page."""
+    return f'<div class="scroll">{table}</div>'
 
 
 def _e(value: object) -> str:
@@ -155,18 +178,24 @@ def _summary_table(history: Mapping[str, Any]) -> str:
     walls = [float(e["wall_s"]) for e in entries if isinstance(e.get("wall_s"), (int, float))]
     central_final, central_best = _final_and_best(history, "centralized")
     federated_final, federated_best = _final_and_best(history, "federated")
+    config = history.get("config")
+    last = entries[-1] if entries else None
+    step = step_label(history)
     rows = [
-        ("rounds", str(len(entries))),
+        *describe_experiment(config if isinstance(config, Mapping) else {}, last),
+        (f"{step}s", str(len(entries))),
         ("final centralized accuracy", central_final),
         ("best centralized accuracy", central_best),
         ("final federated accuracy", federated_final),
         ("best federated accuracy", federated_best),
-        ("training clients per round", per_round),
+        (f"training clients per {step}", per_round),
         ("client failures (train)", ", ".join(failures) if failures else "none recorded"),
         ("total wall time", f"{max(walls):.1f} s" if walls else "not recorded"),
     ]
-    body = "".join(f'<tr><th class="key">{_e(k)}</th><td>{_e(v)}</td></tr>' for k, v in rows)
-    return f"<table>{body}</table>"
+    body = "".join(
+        f'<tr><th class="key">{_e(k)}</th><td class="key">{_e(v)}</td></tr>' for k, v in rows
+    )
+    return _scrolling(f'<table class="summary">{body}</table>')
 
 
 def _rounds_table(history: Mapping[str, Any]) -> str:
@@ -177,11 +206,11 @@ def _rounds_table(history: Mapping[str, Any]) -> str:
     body = "".join(
         "<tr>" + "".join(f"<td>{_fmt(row.get(c))}</td>" for c in columns) + "</tr>" for row in rows
     )
-    return f'<div class="scroll"><table><tr>{head}</tr>{body}</table></div>'
+    return _scrolling(f"<table><tr>{head}</tr>{body}</table>")
 
 
 def _plots(folder: Path) -> str:
-    known = [*(name for name, _ in _HISTORY_PLOTS), PARTITIONS_PNG]
+    known = [*(name for name, _ in HISTORY_PLOTS), PARTITIONS_PNG]
     others = sorted(p.name for p in folder.glob("*.png") if p.name not in known)
     figures = []
     for name in [*known, *others]:
@@ -217,11 +246,11 @@ def _failures(history: Mapping[str, Any]) -> str:
         if len(rows) > len(shown)
         else ""
     )
-    return (
-        "<h2>Client failures</h2>"
-        '<div class="scroll"><table><tr><th>round</th><th>client</th>'
-        f'<th class="key">task</th><th class="key">reason</th></tr>{body}</table></div>{more}'
+    table = (
+        f"<table><tr><th>{_e(step_label(history))}</th><th>client</th>"
+        f'<th class="key">task</th><th class="key">reason</th></tr>{body}</table>'
     )
+    return f"<h2>Client failures</h2>{_scrolling(table)}{more}"
 
 
 def _config_text(config: object) -> str:

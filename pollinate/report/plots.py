@@ -1,10 +1,10 @@
-"""Plots of a run: global accuracy and loss, each client's accuracy, label distributions.
+"""Plots of a run: the global model's accuracy and loss, and the clients' label distributions.
 
 Each function writes one PNG and returns its path, or returns None (writing nothing) when
 the data it needs is absent — e.g. no federated evaluation ran. matplotlib is imported
-inside the functions, and figures are drawn on the Agg canvas directly (no pyplot, no
-display, no global figure state), so ``import pollinate`` stays fast and plotting is safe
-from worker threads.
+inside the functions (see ``pollinate.report.drawing``), so ``import pollinate`` stays fast.
+The clients' accuracy is in ``client_plot``, accuracy against simulated time and bytes in
+``cost_plots``.
 """
 
 from __future__ import annotations
@@ -17,21 +17,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pollinate.errors import DataError
-from pollinate.report.files import atomic_open, finite_number, metric_series
+from pollinate.report.drawing import colors, decorate, figure, marker_for, save, step_label
+from pollinate.report.files import metric_series
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 ACCURACY_PNG = "accuracy.png"
 LOSS_PNG = "loss.png"
-CLIENT_ACCURACY_PNG = "client_accuracy.png"
 PARTITIONS_PNG = "partitions.png"
 
-MAX_CLIENT_LINES = 20  # more clients: a min/median/max band instead of one line each
 MAX_CLIENT_BARS = 50  # more clients: a size histogram and a heatmap sample instead of bars
-_DPI = 120
 
-Series = tuple[list[int], list[float]]  # rounds, values
+_save = save  # kept for callers outside the package (pollinate.analytics.session)
 
 
 def plot_accuracy(history: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> Path | None:
@@ -48,77 +46,21 @@ def _plot_global(
     history: Mapping[str, Any], out_path: Path, metric: str, title: str
 ) -> Path | None:
     lines = {
-        "centralized (server data)": metric_series(history, "centralized", metric),
-        "federated (client test data)": metric_series(history, "federated", metric),
+        "centralized (server's test set)": metric_series(history, "centralized", metric),
+        "federated (clients' test data, example-weighted)": metric_series(
+            history, "federated", metric
+        ),
     }
     lines = {label: s for label, s in lines.items() if s[0]}
     if not lines:
         return None
-    fig, ax = _figure()
+    fig = figure()
+    ax = fig.add_subplot()
     for label, (rounds, values) in lines.items():
-        ax.plot(rounds, values, marker="o", linewidth=2, label=label)
-    _decorate(ax, title, metric)
-    return _save(fig, out_path)
-
-
-def plot_client_accuracy(
-    history: Mapping[str, Any], out_dir: str | os.PathLike[str]
-) -> Path | None:
-    """Plot each client's accuracy per round (thin lines) against the global model's (thick).
-
-    A client's accuracy is its train metric ``local_accuracy`` (its locally trained model
-    on its own test part), else its federated ``evaluate`` accuracy. With more than
-    MAX_CLIENT_LINES clients, a min/median/max band replaces the individual lines.
-    """
-    clients = _client_series(history)
-    if not clients:
-        return None
-    global_label = "global (centralized)"
-    global_rounds, global_values = metric_series(history, "centralized", "accuracy")
-    if not global_rounds:
-        global_label = "global (federated)"
-        global_rounds, global_values = metric_series(history, "federated", "accuracy")
-
-    fig, ax = _figure()
-    if len(clients) <= MAX_CLIENT_LINES:
-        colors = _colors(len(clients))
-        for i, (cid, (rounds, values)) in enumerate(clients.items()):
-            ax.plot(
-                rounds,
-                values,
-                linewidth=1,
-                alpha=0.75,
-                marker=".",
-                color=colors[i],
-                label=f"client {cid}" if len(clients) <= 10 else None,
-            )
-        if len(clients) > 10:
-            ax.plot([], [], linewidth=1, color="grey", label=f"{len(clients)} clients")
-    else:
-        rounds, low, mid, high = _band(clients)
-        ax.fill_between(
-            rounds,
-            low,
-            high,
-            alpha=0.25,
-            color="tab:blue",
-            label=f"{len(clients)} clients: min–max",
-        )
-        ax.plot(
-            rounds, mid, linewidth=1.5, linestyle="--", color="tab:blue", label="clients: median"
-        )
-    if global_rounds:
-        ax.plot(
-            global_rounds,
-            global_values,
-            linewidth=3.5,
-            color="black",
-            marker="o",
-            label=global_label,
-            zorder=5,
-        )
-    _decorate(ax, "Each client's accuracy vs the global model", "accuracy")
-    return _save(fig, Path(out_dir) / CLIENT_ACCURACY_PNG)
+        ax.plot(rounds, values, marker=marker_for(len(rounds)), linewidth=2, label=label)
+    decorate(ax, title, step_label(history), metric)
+    ax.legend(loc="best", fontsize="small")
+    return save(fig, out_path)
 
 
 def plot_label_distribution(
@@ -151,20 +93,18 @@ def plot_label_distribution(
         fig = _stacked_bars(counts, names)
     else:
         fig = _size_histogram_and_heatmap(counts, names)
-    return _save(fig, Path(out_path))
+    return save(fig, Path(out_path))
 
 
 def _stacked_bars(counts: np.ndarray, names: list[str]) -> Figure:
-    from matplotlib.figure import Figure
-
     num_clients, num_classes = counts.shape
-    fig = Figure(figsize=(8, max(3.0, 0.28 * num_clients + 1.5)), layout="constrained")
+    fig = figure(8, max(3.0, 0.28 * num_clients + 1.5))
     ax = fig.add_subplot()
     ys = np.arange(num_clients)
     left = np.zeros(num_clients)
-    colors = _colors(num_classes)
+    palette = colors(num_classes)
     for k in range(num_classes):
-        ax.barh(ys, counts[:, k], left=left, color=colors[k], label=names[k], height=0.8)
+        ax.barh(ys, counts[:, k], left=left, color=palette[k], label=names[k], height=0.8)
         left += counts[:, k]
     ax.set_yticks(ys, [str(i) for i in ys])
     ax.invert_yaxis()
@@ -177,10 +117,8 @@ def _stacked_bars(counts: np.ndarray, names: list[str]) -> Figure:
 
 
 def _size_histogram_and_heatmap(counts: np.ndarray, names: list[str]) -> Figure:
-    from matplotlib.figure import Figure
-
     num_clients, num_classes = counts.shape
-    fig = Figure(figsize=(12, 5), layout="constrained")
+    fig = figure(12, 5)
     hist_ax, heat_ax = fig.subplots(1, 2, width_ratios=(1, 1.4))
     sizes = counts.sum(axis=1)
     hist_ax.hist(sizes, bins=min(50, max(10, num_clients // 20)), color="tab:blue")
@@ -203,94 +141,3 @@ def _size_histogram_and_heatmap(counts: np.ndarray, names: list[str]) -> Figure:
     heat_ax.set_title(f"Class mix of {len(sample)} sampled clients")
     fig.colorbar(image, ax=heat_ax, label="fraction of client's examples")
     return fig
-
-
-# -- reading the history -------------------------------------------------------------------
-
-
-def _client_accuracy(record: object) -> float | None:
-    if not isinstance(record, Mapping):
-        return None
-    for task, key in (("train", "local_accuracy"), ("evaluate", "accuracy")):
-        metrics = record.get(task)
-        if isinstance(metrics, Mapping):
-            value = finite_number(metrics.get(key))
-            if value is not None:
-                return value
-    return None
-
-
-def _client_series(history: Mapping[str, Any]) -> dict[str, Series]:
-    """Each client's (rounds, accuracies), clients sorted by id."""
-    series: dict[str, Series] = {}
-    for entry in history.get("rounds", []):
-        clients = entry.get("clients")
-        if not isinstance(clients, Mapping):
-            continue
-        for cid, record in clients.items():
-            value = _client_accuracy(record)
-            if value is not None:
-                rounds, values = series.setdefault(str(cid), ([], []))
-                rounds.append(int(entry["round"]))
-                values.append(value)
-
-    def order(cid: str) -> tuple[int, int | str]:
-        return (0, int(cid)) if cid.lstrip("-").isdigit() else (1, cid)
-
-    return {cid: series[cid] for cid in sorted(series, key=order)}
-
-
-def _band(clients: Mapping[str, Series]) -> tuple[list[int], list[float], list[float], list[float]]:
-    """Per round: min, median and max over the clients that reported that round."""
-    by_round: dict[int, list[float]] = {}
-    for rounds, values in clients.values():
-        for r, v in zip(rounds, values):
-            by_round.setdefault(r, []).append(v)
-    rounds = sorted(by_round)
-    stacked = [np.asarray(by_round[r]) for r in rounds]
-    return (
-        rounds,
-        [float(v.min()) for v in stacked],
-        [float(np.median(v)) for v in stacked],
-        [float(v.max()) for v in stacked],
-    )
-
-
-# -- drawing -------------------------------------------------------------------------------
-
-
-def _figure() -> tuple[Figure, Any]:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(8, 4.5), layout="constrained")
-    return fig, fig.add_subplot()
-
-
-def _decorate(ax: Any, title: str, ylabel: str) -> None:
-    from matplotlib.ticker import MaxNLocator
-
-    ax.set_title(title)
-    ax.set_xlabel("round")
-    ax.set_ylabel(ylabel)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="best", fontsize="small")
-
-
-def _colors(n: int) -> list[Any]:
-    from matplotlib import colormaps
-
-    if n <= 20:
-        cmap = colormaps["tab10" if n <= 10 else "tab20"]
-        return [cmap(i) for i in range(n)]
-    return [colormaps["turbo"](x) for x in np.linspace(0.05, 0.95, n)]
-
-
-def _save(fig: Figure, out_path: Path) -> Path:
-    """Render ``fig`` with Agg into ``out_path`` atomically."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    with atomic_open(out_path, binary=True) as handle:
-        fig.savefig(handle, format="png", dpi=_DPI)
-    return out_path
