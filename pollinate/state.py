@@ -529,11 +529,8 @@ def _check_arrays(arrays: Arrays, round_number: int) -> None:
 
 def _refuse_orphaned_run(db: Path) -> None:
     """StateError if ``db`` is missing or empty while its folder holds an earlier run."""
-    wal = db.with_name(db.name + "-wal")
-    if db.exists() and db.stat().st_size > 0:
+    if db.exists() and db.stat().st_size > 0:  # (this module never leaves an empty file)
         return
-    if wal.exists() and wal.stat().st_size > 0:
-        return  # SQLite recovers the pages from the WAL
     checkpoints = db.parent / CHECKPOINT_DIR
     found = [name for name in RUN_MARKERS if (db.parent / name).is_file()]
     if checkpoints.is_dir() and any(checkpoints.iterdir()):

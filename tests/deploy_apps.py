@@ -64,3 +64,26 @@ def sleepy(ctx: ClientContext) -> _Sleepy:
     """Stalls in round ``POLLINATE_SLEEP_ROUND`` (0: never) so a test can kill it mid-round."""
     inner = _inner(ctx.client_id)(ctx)
     return _Sleepy(inner, int(os.environ.get("POLLINATE_SLEEP_ROUND", "0")))
+
+
+class _Failing(_Sleepy):
+    """The config's classification client, but one round's training raises until a file
+    exists."""
+
+    def __init__(self, inner: Any, fail_round: int, fixed: str) -> None:
+        super().__init__(inner, 0)
+        self.fail_round, self.fixed = fail_round, fixed
+
+    def train(self, arrays: Arrays, config: Config) -> TrainRes:
+        if config.get("round") == self.fail_round and not os.path.exists(self.fixed):
+            print(f"failing in round {self.fail_round}", flush=True)
+            raise RuntimeError(f"this client breaks in round {self.fail_round}")
+        return super().train(arrays, config)
+
+
+def failing(ctx: ClientContext) -> _Failing:
+    """Fails round ``POLLINATE_FAIL_ROUND`` until ``POLLINATE_FIXED_FILE`` exists."""
+    inner = _inner(ctx.client_id)(ctx)
+    return _Failing(
+        inner, int(os.environ["POLLINATE_FAIL_ROUND"]), os.environ["POLLINATE_FIXED_FILE"]
+    )
