@@ -387,36 +387,43 @@ class Deployment:
         self.end_clients()
 
     def _fire(self, monkey: Monkey, done: int) -> None:
+        """Undo what is due, then fire at most one due action (so that two kills of the
+        server never land on one process)."""
         now = time.monotonic()
         for a in monkey.actions:
-            if a.armed_at is None and done >= a.at_round:
-                a.armed_at = now
-            if a.armed_at is not None and a.done_at is None and now >= a.armed_at + a.offset_s:
-                a.done_at = now
-                name = f"client{a.target}"
-                if a.kind == "kill_server":
-                    self.signal("server", signal.SIGKILL)
-                elif name in self.stopped or self.procs[name].poll() is not None:
-                    monkey.log.append(f"{self.clock()} skipped ({name} is down): {a}")
-                    a.undone = True
-                    continue
-                elif a.kind == "kill_client":
-                    self.signal(name, signal.SIGKILL)
-                else:
-                    self.signal(name, signal.SIGSTOP)
-                monkey.log.append(f"{self.clock()} fired after round {done}: {a}")
             if a.done_at is not None and not a.undone and now >= a.done_at + a.undo_s:
                 a.undone = True
                 if a.kind == "kill_client":
                     self.start_client(a.target)
                 elif a.kind == "stop_client":
                     self.signal(f"client{a.target}", signal.SIGCONT)
+        for a in monkey.actions:
+            if a.armed_at is None and done >= a.at_round:
+                a.armed_at = now
+            if a.armed_at is None or a.done_at is not None or now < a.armed_at + a.offset_s:
+                continue
+            a.done_at = now
+            name = f"client{a.target}"
+            if a.kind == "kill_server":
+                self.signal("server", signal.SIGKILL)
+            elif name in self.stopped or self.procs[name].poll() is not None:
+                monkey.log.append(f"{self.clock()} skipped ({name} is down): {a}")
+                a.undone = True
+                continue
+            elif a.kind == "kill_client":
+                self.signal(name, signal.SIGKILL)
+            else:
+                self.signal(name, signal.SIGSTOP)
+            monkey.log.append(f"{self.clock()} fired after round {done}: {a}")
+            return
 
     def end_clients(self) -> None:
         """After the run: wake stopped clients, then wait for each client to end. One that
         was told the run finished must exit 0 by itself; one that missed it (down or
         stopped when the server said so) is ended once it is seen retrying."""
         marks = {name: self.log_size(name) for name in self.procs if name != "server"}
+        if self.proxy is not None:
+            self.proxy.upstream_retry_s = 0.0  # no server will come back: refuse at once
         for name in list(self.stopped):
             self.signal(name, signal.SIGCONT)
 

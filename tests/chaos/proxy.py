@@ -272,13 +272,13 @@ class ChaosProxy:
     async def _accept(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
         n = self.connections
         self.connections += 1
-        give_up = time.monotonic() + self.upstream_retry_s
+        since = time.monotonic()
         while True:
             try:
                 s_reader, s_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
                 break
             except OSError as e:
-                if time.monotonic() >= give_up:
+                if time.monotonic() >= since + self.upstream_retry_s:  # may be lowered meanwhile
                     self._log(n, f"server unreachable ({e.strerror or e}): closed")
                     c_writer.transport.abort()
                     return
