@@ -138,7 +138,9 @@ def serve(
                 f"rounds; nothing to do (--fresh starts a new run)",
                 flush=True,
             )
-            RunFolderWriter(cfg.output_dir, history).on_run_end(history, None)
+            writer = RunFolderWriter(cfg.output_dir, history)
+            writer.catch_up(arrays)  # in case it was stopped before writing the last round
+            writer.on_run_end(history, None)
             return RunResult(history, arrays)
         fleet = FleetServer(
             address,
@@ -160,11 +162,9 @@ def serve(
             )
             if ready is not None:
                 ready.set()
-            callbacks = [
-                StateRecorder(state),
-                ProgressDisplay(quiet=quiet),
-                RunFolderWriter(cfg.output_dir, history, label_counts=data.label_counts()),
-            ]
+            writer = RunFolderWriter(cfg.output_dir, history, label_counts=data.label_counts())
+            writer.catch_up(arrays)  # a resumed run: the last round's files may be missing
+            callbacks = [StateRecorder(state), ProgressDisplay(quiet=quiet), writer]
             try:
                 result = run(
                     strategy,

@@ -466,14 +466,45 @@ class Deployment:
         return records  # type: ignore[no-any-return]
 
     def final_model(self) -> list[np.ndarray]:
-        """The last round's checkpoint; the run folder's last.npz must hold the same."""
+        """The last round's checkpoint in server.sqlite's folder; the run folder's last.npz
+        must hold the same, and best.npz the round with the best centralized accuracy (the
+        first of equals), whatever restarts happened in between."""
         from pollinate.callbacks import load_checkpoint
 
-        state, meta = load_checkpoint(self.run_dir / "checkpoints" / f"round-{self.rounds}.npz")
-        last, last_meta = load_checkpoint(self.run_dir / "checkpoints" / "last.npz")
-        assert meta["round"] == last_meta["round"] == self.rounds
+        folder = self.run_dir / "checkpoints"
+        state, meta = load_checkpoint(folder / f"round-{self.rounds}.npz")
+        last, last_meta = load_checkpoint(folder / "last.npz")
+        assert meta["round"] == last_meta["round"] == self.rounds, (
+            f"round-{self.rounds}.npz says round {meta['round']}, last.npz round "
+            f"{last_meta['round']}\n{self.context()}"
+        )
         assert_same_model(state, last)
+        scores = [r["centralized"]["accuracy"] for r in self.history()["rounds"]]
+        best_round = 1 + scores.index(max(scores))
+        _, best_meta = load_checkpoint(folder / "best.npz")
+        assert best_meta["round"] == best_round, (
+            f"best.npz holds round {best_meta['round']} (accuracy {best_meta.get('score')}), "
+            f"but round {best_round} scored best ({max(scores)}); server starts: "
+            f"{self.server_starts}"
+        )
         return state
+
+    def rewind_run_folder(self) -> None:
+        """Put the run folder back as a SIGKILL between the last round's commit to
+        server.sqlite and the run folder's own writes leaves it: history.json without the
+        last round, last.npz holding the round before. (That window is a few milliseconds
+        wide: waiting for a kill to land in it would take many runs.)"""
+        from pollinate.callbacks import load_checkpoint, save_checkpoint
+
+        history = self.history()
+        before = history["rounds"][-2]
+        history["rounds"] = history["rounds"][:-1]
+        (self.run_dir / "history.json").write_text(json.dumps(history, indent=2))
+        folder = self.run_dir / "checkpoints"
+        arrays, _ = load_checkpoint(folder / f"round-{before['round']}.npz")
+        meta = {"round": before["round"], "score": before["centralized"]["accuracy"]}
+        save_checkpoint(folder / "last.npz", arrays, meta)
+        self.note(f"run folder rewound to round {before['round']} (server.sqlite untouched)")
 
     def check_processes(self) -> None:
         """Every process this deployment started, and any child of theirs, is gone."""

@@ -298,6 +298,9 @@ class ChaosProxy:
                     self._log(n, "the other direction ended while half-open: reset")
                     link.abort(rst=True)
                 await asyncio.wait(pending)  # a clean half-close: the rest drains
+            for pipe in pipes:
+                if not pipe.cancelled() and pipe.exception() is not None:
+                    self._log(n, f"relay error: {pipe.exception()!r}")
         finally:
             if not link.closed.is_set():
                 link.abort(rst=False)
