@@ -16,6 +16,7 @@ import pytest
 
 from tests.chaos.proxy import DOWN, UP, ChaosProxy, Fault, Schedule
 
+pytestmark = pytest.mark.slow  # part of the chaos suite (`pytest tests/chaos -m slow`); ~5 s
 WAIT = 30.0  # bound on things that take milliseconds; never a timing assertion
 
 
