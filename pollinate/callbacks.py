@@ -214,7 +214,8 @@ class RunFolderWriter(Callback):
         self.strategy = strategy  # its state() goes into checkpoints/last.npz, for resuming
         self.label_counts = label_counts
         self.plots = plots
-        self._best: float | None = None
+        # a resumed run's history already holds rounds: best.npz keeps the best of them
+        self._best = max((s for s in map(_score, history.rounds) if s is not None), default=None)
         self.output.mkdir(parents=True, exist_ok=True)
         from pollinate.report.files import HistoryFile
 
@@ -226,6 +227,24 @@ class RunFolderWriter(Callback):
         write_json_atomic(self.output / "config.json", self.history.config)
 
     def on_round_end(self, record: dict[str, Any], arrays: Arrays) -> None:
+        score = _score(record)
+        best = score is not None and (self._best is None or score > self._best)
+        if best:
+            self._best = score
+        self._write(record, arrays, best)
+
+    def catch_up(self, arrays: Arrays) -> None:
+        """On resuming a run whose last recorded round left ``arrays``: redo that round's
+        writes (history.json, metrics.csv, last.npz, and best.npz if it was the best round),
+        which a server stopped after recording the round but before writing them left undone."""
+        if not self.history.rounds:
+            return
+        record = self.history.rounds[-1]
+        score = _score(record)
+        earlier = [s for s in map(_score, self.history.rounds[:-1]) if s is not None]
+        self._write(record, arrays, score is not None and all(score > s for s in earlier))
+
+    def _write(self, record: dict[str, Any], arrays: Arrays, best: bool) -> None:
         from pollinate.report import write_metrics_csv
 
         data = self.history.to_dict()
@@ -234,9 +253,7 @@ class RunFolderWriter(Callback):
         meta = {"round": record["round"], "score": _score(record)}
         state = self.strategy.state() if self.strategy is not None else None
         save_checkpoint(self.output / "checkpoints" / "last.npz", arrays, meta, state)
-        score = _score(record)
-        if score is not None and (self._best is None or score > self._best):
-            self._best = score
+        if best:
             save_checkpoint(self.output / "checkpoints" / "best.npz", arrays, meta)
 
     def on_run_end(self, history: History, error: BaseException | None) -> None:

@@ -176,7 +176,9 @@ def _serve(
                 "(--fresh starts a new run)",
                 flush=True,
             )
-            RunFolderWriter(cfg.output_dir, history).on_run_end(history, None)
+            writer = RunFolderWriter(cfg.output_dir, history)
+            writer.catch_up(arrays)  # in case it was stopped before writing the last round
+            writer.on_run_end(history, None)
             return RunResult(history, arrays)
         previous = state.status
         if previous != "running":  # resuming after a failure or a stop: say so, then run
@@ -200,10 +202,14 @@ def _serve(
             )
             if ready is not None:
                 ready.set()
+            writer = RunFolderWriter(
+                cfg.output_dir, history, label_counts=data.label_counts(), strategy=strategy
+            )
+            writer.catch_up(arrays)  # a resumed run: the last round's files may be missing
             callbacks = [
                 StateRecorder(state, strategy),
                 ProgressDisplay(quiet=quiet),
-                RunFolderWriter(cfg.output_dir, history, label_counts=data.label_counts()),
+                writer,
                 *build_trackers(cfg),  # after the RunFolderWriter: they log its files
             ]
             executor = GrpcExecutor(

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Union
 
+from pollinate.limits import clip_strings, clip_text
 from pollinate.strategy.base import EvaluateSummary, Failure, Strategy, TrainSummary
 from pollinate.types import (
     Arrays,
@@ -217,6 +218,11 @@ def _observed(
         yield outcome
 
 
+def _bounded(metrics: Metrics) -> dict[str, Any]:
+    """Metrics as history stores them: plain scalars, long strings clipped."""
+    return clip_strings(to_python_scalars(metrics))
+
+
 def make_record(
     round_number: int,
     wall_s: float,
@@ -229,11 +235,11 @@ def make_record(
     record: dict[str, Any] = {"round": round_number, "wall_s": round(wall_s, 4)}
     if centralized is not None:
         loss, metrics = centralized
-        record["centralized"] = {"loss": float(loss), **to_python_scalars(metrics)}
+        record["centralized"] = {"loss": float(loss), **_bounded(metrics)}
     if federated is not None and federated.loss is not None:
         record["federated"] = {
             "loss": float(federated.loss),
-            **to_python_scalars(federated.metrics),
+            **_bounded(federated.metrics),
             "clients": federated.clients,
         }
     kinds = [f.kind for f in train.failures]
@@ -243,20 +249,20 @@ def make_record(
         "timeouts": kinds.count("timeout"),
         "rejected": kinds.count("rejected"),
         **{k: kinds.count(k) for k in ("offline", "lost", "corrupted") if k in kinds},
-        "metrics": to_python_scalars(train.metrics),
+        "metrics": _bounded(train.metrics),
     }
     clients: dict[str, dict[str, Any]] = {}
     for cid, (n, metrics) in train.per_client.items():
-        clients[str(cid)] = {"num_examples": int(n), "train": to_python_scalars(metrics)}
+        clients[str(cid)] = {"num_examples": int(n), "train": _bounded(metrics)}
     if federated is not None:
         for cid, (loss, metrics) in federated.per_client.items():
             entry = clients.setdefault(str(cid), {})
-            entry["evaluate"] = {"loss": float(loss), **to_python_scalars(metrics)}
+            entry["evaluate"] = {"loss": float(loss), **_bounded(metrics)}
     record["clients"] = clients
     if train.privacy is not None:
         record["privacy"] = to_python_scalars(train.privacy)
     record["failures"] = [
-        {"client_id": f.client_id, "task": f.task, "kind": f.kind, "reason": f.reason}
+        {"client_id": f.client_id, "task": f.task, "kind": f.kind, "reason": clip_text(f.reason)}
         for f in failures
     ]
     return record

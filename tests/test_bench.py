@@ -27,6 +27,7 @@ SCRIPTS = {  # script and arguments -> text its report must contain
     "deploy_overhead.py --clients 3 --rounds 2 --params 1000": "network/simulation",
     "deploy_memory.py --clients 5 --rounds 1 --params 1000": "peak during the rounds",
     "deploy_latency.py --mb 1 --rtt-ms 0,20 --repeats 1": "BDP probing on (default)",
+    "deploy_soak.py --rounds 20 --clients 4": "server RSS",
     "secagg_cost.py --clients 5 --length 100": "client SecAgg+ ms",
     "privacy_tradeoff.py --rounds 1": "|",
 }

@@ -337,3 +337,22 @@ def test_simulate_with_a_preset_reduces_the_loss() -> None:
     )
     losses = result.history.metric("federated", "loss")
     assert losses[-1] < losses[0] / 2
+
+
+def test_oversized_metrics_are_rejected_and_long_strings_clipped_in_history() -> None:
+    from pollinate.server import make_record
+    from pollinate.strategy.base import TrainSummary
+
+    arrays = initial()
+    flood = {f"k{i}": "x" * 300 for i in range(9000)}  # 2.8 MB of strings
+    ok = TrainRes([a.copy() for a in arrays], 5, {"note": "y" * 5000})
+    outcomes = [
+        Outcome(0, "train", result=ok),
+        Outcome(1, "train", result=TrainRes([a.copy() for a in arrays], 5, flood)),
+    ]
+    summary = build("fedavg").aggregate_train(1, arrays, outcomes)
+    assert [f.client_id for f in summary.failures] == [1]
+    assert summary.failures[0].kind == "rejected"
+    record = make_record(1, 0.0, summary, None, None)
+    assert len(record["clients"]["0"]["train"]["note"]) < 5000
+    assert isinstance(summary, TrainSummary)

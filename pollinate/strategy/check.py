@@ -1,7 +1,8 @@
 """The one update check every path uses: is a client's result well formed, and within bounds?
 
 ``check_outcome`` turns an outcome into ``None`` (it can be aggregated) or the ``Failure`` it
-stands for: an error or timeout of the task, a result of the wrong type, bad metrics, a bad
+stands for: an error or timeout of the task, a result of the wrong type, bad or too many
+metrics (``pollinate.limits``), a bad
 example count, an update whose arrays do not match the global model (count, shapes, dtypes)
 or hold NaN/inf, or a non-finite evaluation loss.
 
@@ -34,6 +35,7 @@ from statistics import median
 import numpy as np
 
 from pollinate.errors import ConfigError
+from pollinate.limits import DEFAULT_MAX_METRICS_BYTES, DEFAULT_MAX_METRICS_KEYS, check_metrics
 from pollinate.strategy.base import Failure
 from pollinate.types import Arrays, EvaluateRes, Outcome, QueryRes, TrainRes
 
@@ -87,6 +89,9 @@ def check_outcome(outcome: Outcome, template: Arrays | None) -> Failure | None:
     if not isinstance(res.metrics, dict):
         why = f"metrics must be a dict, got {type(res.metrics).__name__}"
         return Failure(outcome.client_id, outcome.kind, why, "rejected")
+    too_much = check_metrics(res.metrics, DEFAULT_MAX_METRICS_KEYS, DEFAULT_MAX_METRICS_BYTES)
+    if too_much is not None:
+        return Failure(outcome.client_id, outcome.kind, too_much, "rejected")
     n = res.num_examples
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
         why = f"num_examples must be an int >= 0, got {n!r}"
