@@ -52,6 +52,10 @@ class ModelSection:
 
     name: str = "mlp"
     hidden: list[int] = field(default_factory=lambda: [64])
+    framework: str = "torch"  # torch | keras | jax | sklearn | xgboost
+    max_depth: int = 6  # xgboost: depth of each tree
+    eta: float = 0.3  # xgboost: shrinkage of each tree
+    local_rounds: int = 1  # xgboost: boosting rounds each client adds per round
 
 
 @dataclass
@@ -65,6 +69,7 @@ class TrainSection:
     momentum: float = 0.9
     weight_decay: float = 0.0
     local_evaluation: bool = True
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
 
 
 @dataclass
@@ -88,6 +93,7 @@ class SimulationSection:
     workers: int = 2
     threads_per_worker: int = 1
     ray_address: str = ""
+    gpus_per_worker: float = 0.0  # process: workers pinned to GPUs round robin; ray: num_gpus
 
 
 @dataclass
@@ -151,6 +157,7 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("privacy", "clip_on"): ("server", "client"),
     ("privacy", "sampling"): ("poisson", "fixed"),
     ("privacy", "accountant"): ("pld", "rdp"),
+    ("model", "framework"): ("torch", "keras", "jax", "sklearn", "xgboost"),
 }
 POSITIVE = {
     ("run", "rounds"),
@@ -171,6 +178,9 @@ POSITIVE = {
     ("secure_aggregation", "clip_range"),
     ("secure_aggregation", "quantization_bits"),
     ("secure_aggregation", "modulus_bits"),
+    ("model", "max_depth"),
+    ("model", "eta"),
+    ("model", "local_rounds"),
 }
 NON_NEGATIVE = {
     ("data", "min_size"),
@@ -183,6 +193,7 @@ NON_NEGATIVE = {
     ("privacy", "target_epsilon"),
     ("privacy", "max_epsilon"),
     ("secure_aggregation", "max_weight"),
+    ("simulation", "gpus_per_worker"),
 }
 FRACTIONS = {
     ("data", "client_test_fraction"),
@@ -270,6 +281,19 @@ def _check(cfg: RunConfig) -> None:
         raise ConfigError("run.name must not be empty")
     _check_privacy(cfg.privacy)
     _check_secure(cfg)
+    _check_device(cfg)
+
+
+def _check_device(cfg: RunConfig) -> None:
+    from pollinate.frameworks.devices import check_device
+
+    check_device(cfg.train.device)
+    if cfg.simulation.gpus_per_worker > 0 and ":" in cfg.train.device:
+        raise ConfigError(
+            f"train.device = {cfg.train.device!r} names one GPU, but simulation.gpus_per_worker "
+            "pins each worker to its own GPUs (each sees them from cuda:0); use device = 'cuda' "
+            "or 'auto'"
+        )
 
 
 def _check_secure(cfg: RunConfig) -> None:

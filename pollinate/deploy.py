@@ -116,8 +116,8 @@ def serve(
 ) -> RunResult:
     """Run ``cfg``'s rounds over the clients that connect to ``address`` (the transport
     settings are ``FleetServer``'s)."""
-    from pollinate.experiment import build_data, build_model_fn, build_secure, build_strategy
-    from pollinate.frameworks.torch import initial_arrays, torch_evaluator
+    from pollinate.experiment import build_data, build_secure, build_strategy
+    from pollinate.frameworks.base import framework_parts
     from pollinate.privacy.accounting import PrivacyBudgetExceeded
     from pollinate.state import ServerState
     from pollinate.transport.grpc.server import FleetServer, GrpcExecutor
@@ -127,9 +127,9 @@ def serve(
     try:
         last, saved, records = state.load_latest()
         data = build_data(cfg)  # the server uses only the data set's own test split
-        model_fn = build_model_fn(cfg, data)
-        strategy = build_strategy(cfg, torch_evaluator(model_fn, *data.server_test()))
-        arrays = saved if saved is not None else initial_arrays(model_fn, cfg.run.seed)
+        parts = framework_parts(cfg, data)
+        strategy = build_strategy(cfg, parts.evaluator)
+        arrays = saved if saved is not None else parts.initial_arrays
         history = History(config=cfg.to_dict(), rounds=list(records))
         strategy.restore(history.rounds)  # e.g. the adaptive clip, clients' local DP releases
         if last >= cfg.run.rounds:
@@ -270,8 +270,8 @@ def load_app(spec: str) -> ClientFn:
 
 def config_client_fn(cfg: RunConfig, partition: int) -> ClientFn:
     """The built-in classification client for partition ``partition`` of ``cfg``'s data."""
-    from pollinate.experiment import build_data, build_model_fn, wrap_client_fn
-    from pollinate.frameworks.torch import classification_app
+    from pollinate.experiment import build_data, wrap_client_fn
+    from pollinate.frameworks.base import framework_parts
 
     data = build_data(cfg)
     if not 0 <= partition < data.num_clients:
@@ -279,7 +279,7 @@ def config_client_fn(cfg: RunConfig, partition: int) -> ClientFn:
             f"--partition {partition} is out of range: the config splits its data into "
             f"{data.num_clients} partitions (0..{data.num_clients - 1})"
         )
-    return wrap_client_fn(cfg, classification_app(build_model_fn(cfg, data), data))
+    return wrap_client_fn(cfg, framework_parts(cfg, data).client_fn)
 
 
 def connect(

@@ -74,11 +74,10 @@ class _ExampleCost:
 
 def build_model_fn(cfg: RunConfig, data: FederatedDataset) -> Callable[[], Any]:
     """A picklable zero-argument function building the config's model for ``data``."""
-    from pollinate.models import model_fn
+    from pollinate.frameworks.base import get_framework
 
-    return model_fn(
-        cfg.model.name, tuple(data.x_train.shape[1:]), data.num_classes, cfg.model.hidden
-    )
+    framework = get_framework(cfg.model.framework)
+    return framework.model_fn(cfg.model, tuple(data.x_train.shape[1:]), data.num_classes)
 
 
 def build_strategy(cfg: RunConfig, evaluate_fn: EvaluateFn | None) -> Strategy:
@@ -270,14 +269,14 @@ class _LastModel(Callback):
 
 def run_experiment(cfg: RunConfig, quiet: bool = False) -> RunResult:
     """Run the experiment ``cfg`` describes; the run folder is ``cfg.output_dir``."""
-    from pollinate.frameworks.torch import classification_app, initial_arrays, torch_evaluator
+    from pollinate.frameworks.base import framework_parts
     from pollinate.privacy.accounting import PrivacyBudgetExceeded
 
     data = build_data(cfg)
-    model_fn = build_model_fn(cfg, data)
-    strategy = build_strategy(cfg, torch_evaluator(model_fn, *data.server_test()))
+    parts = framework_parts(cfg, data)
+    strategy = build_strategy(cfg, parts.evaluator)
     history = History(config=cfg.to_dict())
-    last = _LastModel(initial_arrays(model_fn, cfg.run.seed))
+    last = _LastModel(parts.initial_arrays)
     callbacks = [
         ProgressDisplay(quiet=quiet),
         RunFolderWriter(cfg.output_dir, history, label_counts=data.label_counts()),
@@ -286,7 +285,7 @@ def run_experiment(cfg: RunConfig, quiet: bool = False) -> RunResult:
     sim = cfg.simulation
     try:
         return simulate(
-            wrap_client_fn(cfg, classification_app(model_fn, data)),
+            wrap_client_fn(cfg, parts.client_fn),
             num_clients=data.num_clients,
             strategy=strategy,
             initial_arrays=last.arrays,
@@ -295,6 +294,7 @@ def run_experiment(cfg: RunConfig, quiet: bool = False) -> RunResult:
             workers=sim.workers,
             threads_per_worker=sim.threads_per_worker,
             ray_address=sim.ray_address,
+            gpus_per_worker=sim.gpus_per_worker,
             seed=cfg.run.seed,
             deterministic=cfg.run.deterministic,
             cost_fn=_ExampleCost(data),
