@@ -96,6 +96,10 @@ def build_strategy(cfg: RunConfig, evaluate_fn: EvaluateFn | None) -> Strategy:
         evaluate_fn=evaluate_fn,
         seed=cfg.run.seed,
     )
+    if cfg.model.framework == "xgboost":  # boosted trees are appended, not averaged
+        from pollinate.strategy.xgb import FedXgb
+
+        return wrap_strategy(cfg, FedXgb.like(fedavg, mode="bagging"))
     return wrap_strategy(cfg, fedavg)
 
 

@@ -17,12 +17,13 @@ import numbers
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
+from pollinate.client import ClientContext
 from pollinate.errors import ConfigError, DataError, UpdateRejected
-from pollinate.types import Arrays, Config
+from pollinate.types import Arrays, Config, EvaluateRes, Metrics, TrainRes
 
 OPTIMIZERS = ("sgd", "adam")
 DEFAULT_EVAL_BATCH_SIZE = 256
@@ -283,3 +284,215 @@ def scaffold_client_update(
         new.append(plus)
         delta.append((plus - cik).astype(cik.dtype))
     return new, delta
+
+
+# --- one client, app and evaluator for every adapter -----------------------------------------
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What a runner's local training reports."""
+
+    loss: float  # mean training loss of the last epoch
+    accuracy: float | None  # ... and accuracy (None for a regressor)
+    num_steps: int  # optimizer steps taken
+    lr: float  # the learning rate the steps used (SCAFFOLD's η)
+
+
+class Runner(Protocol):
+    """A framework's model held by one worker: load Arrays, train, evaluate, read Arrays.
+
+    The generic ``FrameworkClient`` drives it; each adapter implements one.
+    """
+
+    supports_strategies: bool  # whether fit() takes FedProx / SCAFFOLD terms
+
+    def prepare(self, data: Any, what: str) -> tuple[Any, np.ndarray]:
+        """Client data (NCHW / flat float32 x, int64 y) in the framework's own layout."""
+        ...
+
+    def set_arrays(self, arrays: Arrays) -> None: ...
+
+    def get_arrays(self) -> Arrays: ...
+
+    def trainable(self) -> list[bool]:
+        """Per array: whether gradient steps train it (False: BatchNorm statistics …)."""
+        ...
+
+    def fit(
+        self,
+        x: Any,
+        y: np.ndarray,
+        settings: TrainSettings,
+        anchor: Arrays | None,
+        correction: Arrays | None,
+    ) -> FitResult:
+        """Train from the loaded arrays. ``anchor``: FedProx's global model (gradient +=
+        μ(w − anchor)); ``correction``: SCAFFOLD's c − c_i (gradient += correction)."""
+        ...
+
+    def evaluate(self, x: Any, y: np.ndarray, batch_size: int) -> tuple[float, Metrics]:
+        """(mean loss, metrics) of the loaded arrays on (x, y)."""
+        ...
+
+
+class FrameworkClient:
+    """A ``Client`` for any adapter's ``Runner``: the train/evaluate protocol, the example
+    counts, the metrics (loss, accuracy, num_steps; local_loss / local_accuracy with
+    ``local_evaluation``; initial_loss with ``report_initial_loss``) and the client halves of
+    FedProx and SCAFFOLD (Karimireddy et al. 2020, arXiv 1910.06378: the task's arrays are
+    the model then the server variate c; the client keeps c_i in ``state["scaffold_c"]`` and
+    returns the model then Δc_i)."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        framework: str,
+        train_data: Any,
+        test_data: Any | None,
+        state: dict[str, Any] | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.runner = runner
+        self.framework = framework
+        self.train_data = train_data
+        self.test_data = test_data
+        self.state = {} if state is None else state
+        self.seed = seed
+
+    def train(self, arrays: Arrays, config: Config) -> TrainRes:
+        s = TrainSettings.from_config(config, seed=self.seed)
+        if not self.runner.supports_strategies:
+            refuse_strategies(s, self.framework)
+        x, y = self.runner.prepare(self.train_data, "train")
+        if len(y) == 0:
+            raise DataError("this client has no training examples")
+        c: Arrays | None = None
+        if s.scaffold:
+            arrays, c = scaffold_split(arrays, len(self.runner.trainable()))
+        self.runner.set_arrays(arrays)
+        metrics: Metrics = {}
+        if s.report_initial_loss:
+            metrics["initial_loss"] = self.runner.evaluate(x, y, DEFAULT_EVAL_BATCH_SIZE)[0]
+        c_i: Arrays | None = None
+        correction: Arrays | None = None
+        if c is not None:
+            saved = self.state.get(SCAFFOLD_STATE_KEY)
+            c_i = [np.zeros_like(a) for a in c] if saved is None else list(saved)
+            check_arrays(c_i, [(a.shape, a.dtype) for a in c], "SCAFFOLD client variate")
+            correction = [ck - cik for ck, cik in zip(c, c_i)]
+        anchor = list(arrays) if s.proximal_mu > 0 else None
+        fit = self.runner.fit(x, y, s, anchor, correction)
+        metrics["loss"] = fit.loss
+        if fit.accuracy is not None:
+            metrics["accuracy"] = fit.accuracy
+        metrics["num_steps"] = fit.num_steps
+        out = self.runner.get_arrays()
+        if c is not None and c_i is not None:
+            new_c_i, delta = scaffold_client_update(
+                arrays, out, c, c_i, fit.num_steps, fit.lr, self.runner.trainable()
+            )
+            self.state[SCAFFOLD_STATE_KEY] = new_c_i
+            out = out + delta
+        if s.local_evaluation and self.test_data is not None:
+            tx, ty = self.runner.prepare(self.test_data, "test")
+            if len(ty):
+                loss, extra = self.runner.evaluate(tx, ty, max(s.batch_size, 256))
+                metrics["local_loss"] = loss
+                metrics.update({f"local_{k}": v for k, v in extra.items()})
+        return TrainRes(out, num_examples=len(y), metrics=metrics)
+
+    def evaluate(self, arrays: Arrays, config: Config) -> EvaluateRes:
+        if self.test_data is None:
+            raise DataError(
+                "this client has no test data to evaluate on (give clients a test part, "
+                "e.g. client_test_fraction > 0)"
+            )
+        x, y = self.runner.prepare(self.test_data, "test")
+        if len(y) == 0:
+            raise DataError("this client's test data is empty")
+        self.runner.set_arrays(arrays)
+        loss, metrics = self.runner.evaluate(x, y, eval_batch_size(config))
+        return EvaluateRes(loss=loss, num_examples=len(y), metrics=metrics)
+
+
+class FrameworkApp:
+    """A picklable ``ClientFn``: a ``FrameworkClient`` on one client's part of a federated
+    data set (``client_train(cid)``, ``client_test(cid)``). Each worker makes its runner (the
+    model, compiled steps …) once, in ``ctx.worker``, and reuses it for every client.
+
+    Adapters subclass it with their ``framework`` name and ``make_runner(model_fn, device)``
+    (a module-level function, so the process backend's workers import the adapter early).
+    """
+
+    framework = ""
+
+    def __init__(self, model_fn: Any, data: Any, device: str = "cpu") -> None:
+        self.model_fn = model_fn
+        self.data = data
+        self.device = device
+
+    @staticmethod
+    def make_runner(model_fn: Any, device: str) -> Runner:
+        raise NotImplementedError
+
+    def __call__(self, ctx: ClientContext) -> FrameworkClient:
+        test = self.data.client_test(ctx.client_id)
+        return FrameworkClient(
+            self.worker_runner(ctx.worker),
+            self.framework,
+            self.data.client_train(ctx.client_id),
+            test if len(test[1]) else None,
+            state=ctx.state,
+            seed=ctx.seed,
+        )
+
+    def worker_runner(self, worker: dict[str, Any]) -> Runner:
+        """This worker's runner, made on first use (or when the model builder changed)."""
+        key = f"{self.framework}_runner:{self.device}"
+        runner: Runner = worker_object(
+            worker, key, self.model_fn, lambda: self.make_runner(self.model_fn, self.device)
+        )
+        return runner
+
+
+class FrameworkEvaluator:
+    """A picklable centralized evaluator: ``(arrays) -> (loss, metrics)`` on (x, y); makes
+    its runner once (``make_runner`` as in ``FrameworkApp``)."""
+
+    def __init__(
+        self,
+        model_fn: Any,
+        x: Any,
+        y: Any,
+        device: str,
+        make_runner: Callable[[Any, str], Runner],
+        batch_size: int = 1024,
+    ) -> None:
+        if len(x) != len(y) or len(y) == 0:
+            raise DataError(
+                f"centralized evaluation needs x and y of the same non-zero length, "
+                f"got {len(x)} and {len(y)}"
+            )
+        self.model_fn = model_fn
+        self.x = x
+        self.y = y
+        self.device = device
+        self.make_runner = make_runner
+        self.batch_size = batch_size
+        self._runner: Runner | None = None
+        self._data: tuple[Any, np.ndarray] | None = None
+
+    def __call__(self, arrays: Arrays) -> tuple[float, Metrics]:
+        if self._runner is None:
+            self._runner = self.make_runner(self.model_fn, self.device)
+        if self._data is None:
+            self._data = self._runner.prepare((self.x, self.y), "server test")
+        self._runner.set_arrays(arrays)
+        return self._runner.evaluate(*self._data, self.batch_size)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_runner"] = None  # remade on first use after unpickling
+        state["_data"] = None
+        return state
