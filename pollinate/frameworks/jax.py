@@ -292,6 +292,10 @@ class JaxRunner:
         mu = jnp.asarray(s.proximal_mu, jnp.float32)
         anchor_tree = self._tree(anchor) if anchor is not None else None
         corr_tree = self._tree(correction) if correction is not None else None
+        # committed to the device like the step's outputs, so the first call hits the cache
+        opt_state, wd, mu, anchor_tree, corr_tree = jax.device_put(
+            (opt_state, wd, mu, anchor_tree, corr_tree), self.device
+        )
         rng = np.random.default_rng(s.seed)
         key = jax.random.PRNGKey(s.seed % 2**32)
         n, steps = len(y), 0

@@ -186,7 +186,7 @@ class KerasRunner:
         )
         self.model.compile(optimizer=optimizer, loss=loss, metrics=[metric(name="accuracy")])
         optimizer.build(self.model.trainable_variables)
-        self._fresh_state = [np.array(v) for v in optimizer.variables]
+        self._fresh_state = [ops.convert_to_numpy(v) for v in optimizer.variables]
 
     def _compile(self, s: TrainSettings) -> None:
         self._recompile(_optimizer(s), BUILTIN_LOSS)
