@@ -380,3 +380,16 @@ def test_xgboost_cyclic_trains_one_client_a_round(tmp_path):
     from pollinate.strategy.xgb import num_trees
 
     assert num_trees(result.arrays) == 3 * 10
+
+
+def test_process_backend_pins_each_worker_to_its_gpu(monkeypatch):
+    from pollinate.simulation.backends.process import ProcessBackend
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,6")
+    backend = ProcessBackend(workers=4, threads_per_worker=1, gpus_per_worker=0.5)
+    pinned = [backend._env(i)["CUDA_VISIBLE_DEVICES"] for i in range(4)]
+    assert pinned == ["5", "5", "6", "6"]
+    assert "CUDA_VISIBLE_DEVICES" not in ProcessBackend(workers=2)._env(0)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(ConfigError, match="no GPU is visible"):
+        backend._env(0)

@@ -197,3 +197,48 @@ def test_config_run_sequential_equals_process(tmp_path):
         assert a["centralized"]["accuracy"] == pytest.approx(b["centralized"]["accuracy"], abs=0.01)
         assert a["train"]["metrics"]["num_steps"] == b["train"]["metrics"]["num_steps"]
     assert seq[-1]["centralized"]["accuracy"] > 0.6
+
+
+JAX_BACKEND_SCRIPT = """
+import numpy as np, keras
+from sklearn.datasets import load_digits
+from pollinate.frameworks.common import SCAFFOLD_STATE_KEY, FrameworkClient
+from pollinate.frameworks.keras import KerasRunner, build_model
+
+assert keras.backend.backend() == "jax"
+bunch = load_digits()
+x = (bunch.data / 16).astype(np.float32).reshape(-1, 1, 8, 8)[:200]
+y = bunch.target[:200].astype(np.int64)
+runner = KerasRunner(build_model("logreg", (8, 8, 1), 10, ()))
+arrays = runner.get_arrays()
+client = FrameworkClient(runner, "keras", (x, y), None)
+base = {"epochs": 1, "lr": 0.1, "momentum": 0.0, "seed": 3}
+plain = client.train(arrays, base)
+prox = client.train(arrays, {**base, "proximal_mu": 5.0})
+dist = lambda u, v: sum(float(np.sum((a - b) ** 2)) for a, b in zip(u, v))
+assert dist(prox.arrays, arrays) < 0.5 * dist(plain.arrays, arrays)
+c = [np.full_like(a, 0.05) for a in arrays]
+same = FrameworkClient(runner, "keras", (x, y), None, state={SCAFFOLD_STATE_KEY: c}).train(
+    arrays + c, {**base, "scaffold": True})
+assert dist(same.arrays[: len(arrays)], plain.arrays) < 1e-10
+print("ok", plain.metrics["num_steps"])
+"""
+
+
+@pytest.mark.slow
+def test_the_jax_backend_trains_with_the_strategy_terms(tmp_path):
+    pytest.importorskip("jax")
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    proc = subprocess.run(
+        [sys.executable, "-c", JAX_BACKEND_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["ok", "7"]  # 200 examples in batches of 32
