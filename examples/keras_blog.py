@@ -95,7 +95,8 @@ def main() -> None:
             "data": {"dataset": "fashion-mnist", "num_clients": args.clients},
             "model": {"framework": "keras", "name": "keras_blog:create_model"},
             "train": {"epochs": args.epochs, "batch_size": 32},
-            "strategy": {"min_train_clients": args.clients},
+            # every client every round; a shared or slow CPU needs a generous round deadline
+            "strategy": {"min_train_clients": args.clients, "round_timeout_s": 7200.0},
             "simulation": {"backend": args.backend, "workers": 2},
         }
     )
