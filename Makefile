@@ -17,7 +17,7 @@ $(VENV)/.run-ready: pyproject.toml
 $(VENV)/.test-ready: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install $(TORCH)
-	$(PIP) install -e ".[torch,data,ray,deploy,privacy,analytics,hf,tracking,dev]"
+	$(PIP) install -e ".[torch,data,ray,deploy,privacy,analytics,hf,tracking,keras,jax,sklearn,xgboost,dev]"
 	touch $@ $(VENV)/.run-ready
 
 run: $(VENV)/.run-ready

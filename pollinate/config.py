@@ -57,6 +57,10 @@ class ModelSection:
 
     name: str = "mlp"
     hidden: list[int] = field(default_factory=lambda: [64])
+    framework: str = "torch"  # torch | keras | jax | sklearn | xgboost
+    max_depth: int = 6  # xgboost: depth of each tree
+    eta: float = 0.3  # xgboost: shrinkage of each tree
+    local_rounds: int = 1  # xgboost: boosting rounds each client adds per round
 
 
 @dataclass
@@ -70,6 +74,7 @@ class TrainSection:
     momentum: float = 0.9
     weight_decay: float = 0.0
     local_evaluation: bool = True
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
 
 
 @dataclass
@@ -119,6 +124,7 @@ class SimulationSection:
     workers: int = 2
     threads_per_worker: int = 1
     ray_address: str = ""
+    gpus_per_worker: float = 0.0  # process: workers pinned to GPUs round robin; ray: num_gpus
 
 
 @dataclass
@@ -257,6 +263,7 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
         "little_is_enough",
     ),
     ("tracking", "wandb_mode"): ("offline", "online", "disabled"),
+    ("model", "framework"): ("torch", "keras", "jax", "sklearn", "xgboost"),
 }
 POSITIVE = {
     ("run", "rounds"),
@@ -280,6 +287,9 @@ POSITIVE = {
     ("compression", "bits"),
     ("compression", "topk_fraction"),
     ("data", "classes_per_client"),
+    ("model", "max_depth"),
+    ("model", "eta"),
+    ("model", "local_rounds"),
 }
 NON_NEGATIVE = {
     ("data", "min_size"),
@@ -300,6 +310,7 @@ NON_NEGATIVE = {
     ("secure_aggregation", "max_weight"),
     ("environment", "deadline_s"),
     ("tracking", "max_clients_logged"),
+    ("simulation", "gpus_per_worker"),
 }
 FRACTIONS = {
     ("data", "client_test_fraction"),
@@ -416,6 +427,7 @@ def _check(cfg: RunConfig) -> None:
     _check_privacy(cfg.privacy)
     _check_secure(cfg)
     _check_conditions(cfg)
+    _check_device(cfg)
 
 
 def _check_conditions(cfg: RunConfig) -> None:
@@ -477,6 +489,13 @@ def _check_strategy(cfg: RunConfig) -> None:
             f"strategy.name = {s.name!r} is not allowed{hint}; choose one of: "
             f"{', '.join(PRESETS)}, or 'package.module:Class' for your own strategy"
         )
+    trees = s.name.startswith("fedxgb_")
+    if trees != (cfg.model.framework == "xgboost"):
+        raise ConfigError(
+            f"strategy.name = {s.name!r} with model.framework = {cfg.model.framework!r}: "
+            "boosted trees are appended, not averaged, so model.framework = 'xgboost' goes with "
+            "strategy.name = 'fedxgb_bagging' or 'fedxgb_cyclic', and only with them"
+        )
     allowed = preset_params(s.name)
     for key in strategy_params(s):
         if key not in allowed:
@@ -487,6 +506,18 @@ def _check_strategy(cfg: RunConfig) -> None:
                 f"{', '.join(PARAM_OWNERS[key])}); {s.name!r} takes: "
                 f"{', '.join(allowed) or 'no algorithm-specific keys'}"
             )
+
+
+def _check_device(cfg: RunConfig) -> None:
+    from pollinate.frameworks.devices import check_device
+
+    check_device(cfg.train.device)
+    if cfg.simulation.gpus_per_worker > 0 and ":" in cfg.train.device:
+        raise ConfigError(
+            f"train.device = {cfg.train.device!r} names one GPU, but simulation.gpus_per_worker "
+            "pins each worker to its own GPUs (each sees them from cuda:0); use device = 'cuda' "
+            "or 'auto'"
+        )
 
 
 def _check_secure(cfg: RunConfig) -> None:

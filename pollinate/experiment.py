@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +22,7 @@ from pollinate.types import Arrays
 if TYPE_CHECKING:
     from pollinate.analytics.config import AnalyticsConfig
     from pollinate.attacks import Attack
+    from pollinate.frameworks.base import FrameworkParts
     from pollinate.privacy.secure import SecureAggregation
 
 log = logging.getLogger("pollinate")
@@ -58,15 +59,6 @@ class _ExampleCost:
         if kind == "train":
             return float(self.data.num_train_examples(client_id))
         return float(self.data.num_test_examples(client_id))
-
-
-def build_model_fn(cfg: RunConfig, data: FederatedDataset) -> Callable[[], Any]:
-    """A picklable zero-argument function building the config's model for ``data``."""
-    from pollinate.models import model_fn
-
-    return model_fn(
-        cfg.model.name, tuple(data.x_train.shape[1:]), data.num_classes, cfg.model.hidden
-    )
 
 
 def strategy_parts(cfg: RunConfig) -> dict[str, Any]:
@@ -131,29 +123,34 @@ def build_strategy(cfg: RunConfig, evaluate_fn: EvaluateFn | None) -> Strategy:
 @dataclass
 class Run:
     """A run config assembled: what ``pollinate run`` simulates and ``pollinate server``
-    serves (data → model → strategy → client wrappers → secure aggregation)."""
+    serves (data → framework and model → strategy → client wrappers → secure aggregation)."""
 
     cfg: RunConfig
     data: FederatedDataset
-    model_fn: Callable[[], Any]
+    parts: FrameworkParts
     strategy: Strategy
-    initial_arrays: Arrays
     secure: SecureAggregation | None
     attack: Attack | None = None  # simulation only
 
+    @property
+    def initial_arrays(self) -> Arrays:
+        return self.parts.initial_arrays
+
     def client_fn(self) -> ClientFn:
-        """The clients' ``client_fn`` for this config's data, wrapped per [privacy] and
-        [secure_aggregation]."""
-        from pollinate.frameworks.torch import classification_app
+        """The clients' ``client_fn`` for this config's data, wrapped per [privacy],
+        [compression] and [secure_aggregation]."""
         from pollinate.privacy.plan import wrap_client_fn
 
-        data: Any = self.data
+        client_fn = self.parts.client_fn
         if self.attack is not None and self.attack.kind == "label_flip":
             from pollinate.attacks import flip_labels
 
             attackers = self.attack.attackers(self.data.num_clients)
-            data = flip_labels(self.data, attackers, self.data.num_classes)
-        return wrap_client_fn(self.cfg, classification_app(self.model_fn, data))
+            flipped = flip_labels(self.data, attackers, self.data.num_classes)
+            client_fn = self.parts.framework.client_fn(
+                self.parts.model_fn, flipped, self.parts.device
+            )
+        return wrap_client_fn(self.cfg, client_fn)
 
     def history(self, records: Sequence[dict[str, Any]] = ()) -> History:
         """A history for this run (the completed rounds' ``records`` when resuming)."""
@@ -162,22 +159,21 @@ class Run:
 
 def build_run(cfg: RunConfig, run_tag: str | None = None) -> Run:
     """Assemble ``cfg`` into a ``Run``; the one place the config path turns into objects."""
-    from pollinate.frameworks.torch import initial_arrays, torch_evaluator
+    from pollinate.frameworks.base import framework_parts
     from pollinate.privacy.plan import build_secure
 
     data = build_data(cfg)
-    model_fn = build_model_fn(cfg, data)
-    strategy = build_strategy(cfg, torch_evaluator(model_fn, *data.server_test()))
+    parts = framework_parts(cfg, data)  # checks the model on one batch of the data, once
+    strategy = build_strategy(cfg, parts.evaluator)
     secure = build_secure(cfg, run_tag=run_tag)
     if secure is not None:  # refuse a strategy that cannot take a sum now, not in round 1
         strategy.secure_terms(1, 1, secure.max_weight)
-    arrays = initial_arrays(model_fn, cfg.run.seed)
     attack = None
     if cfg.attack.kind != "none":
         from pollinate.attacks import Attack
 
         attack = Attack.from_config(dataclasses.asdict(cfg.attack), data.num_clients)
-    return Run(cfg, data, model_fn, strategy, arrays, secure, attack)
+    return Run(cfg, data, parts, strategy, secure, attack)
 
 
 class _LastModel(Callback):
@@ -255,6 +251,7 @@ def _run_experiment(cfg: RunConfig, quiet: bool) -> RunResult:
             workers=sim.workers,
             threads_per_worker=sim.threads_per_worker,
             ray_address=sim.ray_address,
+            gpus_per_worker=sim.gpus_per_worker,
             seed=cfg.run.seed,
             deterministic=cfg.run.deterministic,
             cost_fn=_ExampleCost(run.data),

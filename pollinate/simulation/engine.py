@@ -25,9 +25,14 @@ CostFn = Callable[[ClientId, TaskKind], float]
 
 
 def make_backend(
-    name: str, workers: int = 2, threads_per_worker: int = 1, ray_address: str = ""
+    name: str,
+    workers: int = 2,
+    threads_per_worker: int = 1,
+    ray_address: str = "",
+    gpus_per_worker: float = 0.0,
 ) -> Backend:
-    """The backend called ``name`` (sequential | process | ray)."""
+    """The backend called ``name`` (sequential | process | ray); ``gpus_per_worker`` > 0 pins
+    process workers to GPUs round robin, or is each Ray actor's ``num_gpus``."""
     if name == "sequential":
         from pollinate.simulation.backends.sequential import SequentialBackend
 
@@ -35,12 +40,17 @@ def make_backend(
     if name == "process":
         from pollinate.simulation.backends.process import ProcessBackend
 
-        return ProcessBackend(workers=workers, threads_per_worker=threads_per_worker)
+        return ProcessBackend(
+            workers=workers, threads_per_worker=threads_per_worker, gpus_per_worker=gpus_per_worker
+        )
     if name == "ray":
         from pollinate.simulation.backends.ray import RayBackend
 
         return RayBackend(
-            workers=workers, threads_per_worker=threads_per_worker, address=ray_address
+            workers=workers,
+            threads_per_worker=threads_per_worker,
+            address=ray_address,
+            gpus_per_worker=gpus_per_worker,
         )
     raise ConfigError(f"simulation.backend must be one of {', '.join(BACKENDS)}; got {name!r}")
 
@@ -118,6 +128,7 @@ def simulate(
     workers: int = 2,
     threads_per_worker: int = 1,
     ray_address: str = "",
+    gpus_per_worker: float = 0.0,
     seed: int = 0,
     deterministic: bool = False,
     cost_fn: CostFn | None = None,
@@ -152,7 +163,7 @@ def simulate(
     if not 1 <= start_round <= rounds:
         raise ConfigError(f"start_round must be in 1..rounds={rounds}, got {start_round}")
     engine = (
-        make_backend(backend, workers, threads_per_worker, ray_address)
+        make_backend(backend, workers, threads_per_worker, ray_address, gpus_per_worker)
         if isinstance(backend, str)
         else backend
     )

@@ -83,8 +83,8 @@ class LocalAlgorithm:
         """The arrays sent to each client and the extra train-config keys."""
         return arrays, {}
 
-    def expected(self, arrays: Arrays) -> Arrays:
-        """What a client's result arrays must match (shapes and dtypes)."""
+    def expected(self, arrays: Arrays) -> Arrays | None:
+        """What a client's result arrays must match (shapes and dtypes; None: no check)."""
         return arrays
 
     def weigh(

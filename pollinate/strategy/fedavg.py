@@ -259,7 +259,13 @@ class FedAvg(Strategy):
                 )
                 continue
             assert isinstance(res, TrainRes) and not isinstance(weighed, str)
-            acc.add(*weighed)  # 4. the aggregator, as results arrive
+            try:
+                acc.add(*weighed)  # 4. the aggregator, as results arrive
+            except UpdateRejected as exc:  # e.g. boosted trees for another problem
+                failures.append(
+                    Failure(outcome.client_id, "train", f"update rejected: {exc}", "rejected")
+                )
+                continue
             accepted.append((outcome.client_id, int(res.num_examples), res.metrics))
         self._enough(round_number, len(accepted), acc.total_weight, failures)
         try:
@@ -269,7 +275,7 @@ class FedAvg(Strategy):
         delta = self.algorithm.finish(aggregate, arrays)
         return self.conclude(round_number, arrays, delta, accepted, failures)
 
-    def checked(self, outcome: Outcome, expected: Arrays) -> tuple[Outcome, Failure | None]:
+    def checked(self, outcome: Outcome, expected: Arrays | None) -> tuple[Outcome, Failure | None]:
         """The outcome with its arrays decoded by the transforms' server halves, and the
         failure it stands for (``check_outcome``; a payload that cannot be decoded is
         rejected)."""

@@ -17,6 +17,7 @@ fractions, minimums, the round deadline, train/evaluate configs, ``evaluate_fn``
 | fedmedian / fedtrimmedavg | coordinate-wise median / trimmed mean | Yin et al. 2018 |
 | krum / multikrum | distance-based selection | Blanchard et al. 2017 |
 | bulyan | Krum selection + trimmed median | El Mhamdi et al. 2018 |
+| fedxgb_bagging / fedxgb_cyclic | boosted trees appended (framework xgboost) | Ma et al. 2023 |
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from pollinate.strategy.algorithms import (
 )
 from pollinate.strategy.base import Strategy
 from pollinate.strategy.fedavg import FedAvg
+from pollinate.strategy.xgb import FedXgbBagging, FedXgbCyclic
 
 
 def _with(kw: dict[str, Any], **parts: Any) -> FedAvg:
@@ -162,6 +164,8 @@ PRESETS: dict[str, Callable[..., Strategy]] = {
     "krum": Krum,
     "multikrum": MultiKrum,
     "bulyan": Bulyan,
+    "fedxgb_bagging": FedXgbBagging,
+    "fedxgb_cyclic": FedXgbCyclic,
 }
 
 #: keyword arguments every strategy takes (FedAvg's own), not specific to one algorithm
@@ -171,7 +175,7 @@ COMMON = frozenset(inspect.signature(FedAvg).parameters)
 def preset_params(name: str) -> dict[str, Any]:
     """The parameters specific to preset ``name``, with their defaults."""
     preset = PRESETS[name]
-    if preset is FedAvg:
+    if preset in (FedAvg, FedXgbBagging, FedXgbCyclic):
         return {}
     return {
         p.name: p.default

@@ -575,14 +575,12 @@ def reference_model(folder: Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(initial, final) model of a fault-free deterministic run of ``folder/run.toml`` with
     the same ledger clients, simulated in this process."""
     from pollinate import config
-    from pollinate.experiment import build_data, build_model_fn, build_strategy
-    from pollinate.frameworks.torch import initial_arrays
+    from pollinate.experiment import build_run, build_strategy
     from pollinate.simulation import simulate
     from tests.chaos.apps import ledger
 
     cfg = config.load(folder / "run.toml")
-    data = build_data(cfg)
-    initial = initial_arrays(build_model_fn(cfg, data), cfg.run.seed)
+    initial = build_run(cfg).initial_arrays
     result = simulate(
         ledger,
         num_clients=cfg.data.num_clients,

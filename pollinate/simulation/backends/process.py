@@ -208,10 +208,13 @@ class ProcessBackend(Backend):
 
     name = "process"
 
-    def __init__(self, workers: int = 2, threads_per_worker: int = 1) -> None:
+    def __init__(
+        self, workers: int = 2, threads_per_worker: int = 1, gpus_per_worker: float = 0.0
+    ) -> None:
         check_workers(workers, threads_per_worker)
         self.workers = workers
         self.threads_per_worker = threads_per_worker
+        self.gpus_per_worker = gpus_per_worker  # > 0: workers pinned to GPUs round robin
         self._ctx = mp.get_context("spawn")
         self._pool: list[_Worker] = []
         self._modules: list[str] = []
@@ -219,16 +222,21 @@ class ProcessBackend(Backend):
         self._folder: str | None = None
         self._token = 0
 
-    def _env(self) -> dict[str, str]:
+    def _env(self, index: int) -> dict[str, str]:
         n = str(self.threads_per_worker)
-        return {v: n for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+        env = {v: n for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+        if self.gpus_per_worker > 0:
+            from pollinate.frameworks.devices import worker_env
+
+            env.update(worker_env(index, self.gpus_per_worker))
+        return env
 
     def start(self, client_fn: ClientFn) -> None:
         self.close()
         self._folder = tempfile.mkdtemp(prefix="pollinate-shared-")
         self._modules = _modules(client_fn)
         try:
-            self._pool = [self._spawn() for _ in range(self.workers)]
+            self._pool = [self._spawn(i) for i in range(self.workers)]
         except OSError as exc:
             self.close()
             raise BackendError(f"could not start {self.workers} worker processes: {exc}") from exc
@@ -240,12 +248,12 @@ class ProcessBackend(Backend):
             self.close()
             raise
 
-    def _spawn(self) -> _Worker:
-        return _Worker(self._ctx, self._modules, self._env())
+    def _spawn(self, index: int) -> _Worker:
+        return _Worker(self._ctx, self._modules, self._env(index))
 
     def _replace(self, worker: _Worker) -> _Worker:
         worker.kill()
-        fresh = self._spawn()
+        fresh = self._spawn(self._pool.index(worker))
         fresh.send_client_fn(self._payload)
         self._pool[self._pool.index(worker)] = fresh
         return fresh

@@ -71,10 +71,12 @@ class RayBackend(Backend):
         threads_per_worker: int = 1,
         address: str = "",
         connect_timeout_s: float = 60.0,
+        gpus_per_worker: float = 0.0,
     ) -> None:
         check_workers(workers, threads_per_worker)
         self.workers = workers
         self.threads_per_worker = threads_per_worker
+        self.gpus_per_worker = gpus_per_worker  # each actor's num_gpus (Ray pins them)
         self.address = address
         self.connect_timeout_s = connect_timeout_s
         self._ray: Any = None
@@ -102,8 +104,12 @@ class RayBackend(Backend):
             raise ConfigError(f"the ray backend cannot serialize client_fn: {exc}") from exc
         n = str(self.threads_per_worker)
         env = {v: n for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+        gpus = {"num_gpus": self.gpus_per_worker} if self.gpus_per_worker > 0 else {}
         self._actor_cls = ray.remote(_Worker).options(  # type: ignore[attr-defined]
-            num_cpus=self.threads_per_worker, max_concurrency=1, runtime_env={"env_vars": env}
+            num_cpus=self.threads_per_worker,
+            max_concurrency=1,
+            runtime_env={"env_vars": env},
+            **gpus,
         )
         self._actors = [self._spawn() for _ in range(self.workers)]
         try:  # surface actors that cannot start (too few CPUs, client_fn not importable)
