@@ -211,7 +211,7 @@ def test_merge_rejects_another_problem_and_cyclic_takes_one_client():
     with pytest.raises(UpdateRejected, match="num_class = 3, the global model 2"):
         merge_trees(_model(2), [_model(3, per_iteration=3, num_class=3)])
     with pytest.raises(UpdateRejected, match="not an XGBoost JSON model"):
-        BoostedTreesBagging().aggregate(to_arrays(_model(2)), [to_arrays(b"{}")], [1.0])
+        BoostedTreesBagging().merge(to_arrays(_model(2)), [to_arrays(b"{}")], [1.0])
     acc = BoostedTreesCyclic().start(to_arrays(_model(2)))
     acc.add(to_arrays(_model(2)), 10)
     with pytest.raises(UpdateRejected, match="cyclic"):
