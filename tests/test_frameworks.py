@@ -239,7 +239,7 @@ def test_bagging_predicts_the_sum_of_the_trees():
         new = local[2:5]
         updates.append(to_arrays(new.save_raw("json")))
         margins.append(new.predict(xgb.DMatrix(x), output_margin=True) - 0.5)  # minus base score
-    merged = BoostedTreesBagging().aggregate(to_arrays(glob.save_raw("json")), updates, [1, 1])
+    merged = BoostedTreesBagging().merge(to_arrays(glob.save_raw("json")), updates, [1, 1])
     booster = xgb.Booster(params)
     booster.load_model(bytearray(merged[0].tobytes()))
     assert booster.num_boosted_rounds() == 2 + 3 + 3
