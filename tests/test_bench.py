@@ -29,6 +29,9 @@ SCRIPTS = {  # script and arguments -> text its report must contain
     "deploy_latency.py --mb 1 --rtt-ms 0,20 --repeats 1": "BDP probing on (default)",
     "secagg_cost.py --clients 5 --length 100": "client SecAgg+ ms",
     "privacy_tradeoff.py --rounds 1": "|",
+    "strategies_noniid.py --smoke": "| shards2 | fednova |",
+    "strategies_robustness.py --smoke": "target",
+    "aggregation_cost.py --smoke": "| 40 × 500 | bulyan (f=4) |",
 }
 
 
