@@ -33,6 +33,10 @@ baseline: final accuracy and wall time are also printed as ratios to it. Every r
 no federated evaluation (``fraction_evaluate = 0``), no client test split, into a temporary
 run folder.
 
+Run it with ``OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1`` on a shared machine (see
+bench/README.md, "Strategy benchmarks"). The sequential backend is the default: it is faster
+here, and the process backend deadlocks with SCAFFOLD on this model (problem 1 there).
+
     python bench/strategies_noniid.py --time-one           # time one round per backend, then stop
     python bench/strategies_noniid.py                      # the size: 100 rounds x 3 seeds
     python bench/strategies_noniid.py --rounds 40 --seeds 0 --partitions iid,dir0.1,shards2
