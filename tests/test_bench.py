@@ -30,6 +30,9 @@ SCRIPTS = {  # script and arguments -> text its report must contain
     "deploy_soak.py --rounds 20 --clients 4": "server RSS",
     "secagg_cost.py --clients 5 --length 100": "client SecAgg+ ms",
     "privacy_tradeoff.py --rounds 1": "|",
+    "strategies_noniid.py --smoke": "| shards2 | fednova |",
+    "strategies_robustness.py --smoke": "target",
+    "aggregation_cost.py --smoke": "| 40 × 500 | bulyan (f=4) |",
 }
 
 
