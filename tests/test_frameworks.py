@@ -43,6 +43,8 @@ def comparable(result) -> list[dict]:
 def client_for(framework: str, model: str, tmp_path, cid: int = 0, **model_keys):
     """A FrameworkClient of ``framework`` on client ``cid`` of 3-client digits."""
     extra = [f"model.{k}={v}" for k, v in model_keys.items()]
+    if framework == "xgboost":  # boosted trees go with the boosted-trees strategies
+        extra.append("strategy.name=fedxgb_bagging")
     cfg = small(
         tmp_path, "sequential", f"model.framework={framework}", f"model.name={model}", *extra
     )
