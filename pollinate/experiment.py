@@ -162,6 +162,9 @@ class Run:
 
 def build_run(cfg: RunConfig, run_tag: str | None = None) -> Run:
     """Assemble ``cfg`` into a ``Run``; the one place the config path turns into objects."""
+    from pollinate.models import require_torch
+
+    require_torch()  # the install line, not a ModuleNotFoundError from the next import
     from pollinate.frameworks.torch import initial_arrays, torch_evaluator
     from pollinate.privacy.plan import build_secure
 
