@@ -582,17 +582,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # like Ctrl-C: completed rounds, plots, report
     try:
         return COMMANDS[args.command](args)
-    except ImportError as exc:
-        hint = dependency_error(exc)  # an optional package imported where nothing checked it
-        if hint is None:
-            raise
-        print(f"error: {hint}", file=sys.stderr)
-        return 1
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except PollinateError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as exc:
+        hint = dependency_error(exc)  # an optional package imported where nothing checked it
+        if hint is None:
+            raise
+        print(f"error: {hint}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(

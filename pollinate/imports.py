@@ -66,8 +66,8 @@ def load_object(spec: str, what: str, *, callable_: bool = True) -> Any:
     for part in attr.split("."):
         if not hasattr(target, part):
             raise ConfigError(
-                f"{what} {spec!r}: module {module_name!r} ({getattr(module, '__file__', '?')}) "
-                f"has no {attr!r}"
+                f"{what} {spec!r}: module {module_name!r} has no {attr!r} (the module was read "
+                f"from {getattr(module, '__file__', None) or module_name})"
             )
         target = getattr(target, part)
     if callable_ and not callable(target):
