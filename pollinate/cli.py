@@ -130,7 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--server", required=True, help="the server's HOST:PORT")
     client.add_argument("--config", help="run config whose data partition this client holds")
     client.add_argument("--partition", type=int, help="which partition of --config's data")
-    client.add_argument("--app", help="package.module:function: your own client_fn")
+    client.add_argument(
+        "--app",
+        help="package.module:function: your own client_fn (the current folder is importable)",
+    )
     client.add_argument("--client-id", type=int, help="this client's id (with --app)")
     client.add_argument(
         "--expose",

@@ -299,6 +299,7 @@ statistic = "count"
 """
 
 
+@pytest.mark.slow  # two processes that import pandas and scikit-learn
 def test_progress_is_shown_as_info_and_quiet_shows_errors_only(tmp_path):
     (tmp_path / "q.toml").write_text(ONE_QUERY)
     runs = [
