@@ -199,23 +199,36 @@ def _score(record: dict[str, Any]) -> float | None:
 
 class RunFolderWriter(Callback):
     """Keeps the run folder current: history.json and metrics.csv after every round,
-    checkpoints of the last and best global model, plots and the report at the end."""
+    checkpoints of the last and best global model, plots and the report at the end.
+
+    ``RunFolderWriter("runs/my-run")`` is enough: without a ``history`` it keeps its own
+    record of the rounds it sees (a resumed run passes the history holding its earlier
+    rounds). ``config`` is written to config.json and history.json (default: the history's);
+    ``label_counts`` (clients × classes) draws partitions.png; ``strategy``'s state goes into
+    checkpoints/last.npz, for resuming.
+    """
 
     def __init__(
         self,
-        output: Path,
-        history: History,
+        output: str | Path,
+        history: History | None = None,
         label_counts: np.ndarray | None = None,
         plots: bool = True,
         strategy: Any = None,
+        config: dict[str, Any] | None = None,
     ) -> None:
         self.output = Path(output)
-        self.history = history
-        self.strategy = strategy  # its state() goes into checkpoints/last.npz, for resuming
+        self._own = history is None  # then on_round_end appends each record itself
+        self.history = history if history is not None else History()
+        if config is not None:
+            self.history.config = config
+        self.strategy = strategy
         self.label_counts = label_counts
         self.plots = plots
         # a resumed run's history already holds rounds: best.npz keeps the best of them
-        self._best = max((s for s in map(_score, history.rounds) if s is not None), default=None)
+        self._best = max(
+            (s for s in map(_score, self.history.rounds) if s is not None), default=None
+        )
         self.output.mkdir(parents=True, exist_ok=True)
         from pollinate.report.files import HistoryFile
 
@@ -247,6 +260,8 @@ class RunFolderWriter(Callback):
     def _write(self, record: dict[str, Any], arrays: Arrays, best: bool) -> None:
         from pollinate.report import write_metrics_csv
 
+        if self._own:
+            self.history.rounds.append(record)
         data = self.history.to_dict()
         self._history_file.write(data)
         write_metrics_csv(self.output / "metrics.csv", data)
@@ -257,6 +272,10 @@ class RunFolderWriter(Callback):
             save_checkpoint(self.output / "checkpoints" / "best.npz", arrays, meta)
 
     def on_run_end(self, history: History, error: BaseException | None) -> None:
+        if self._own:  # the run's rounds (earlier ones included), with this writer's config
+            self.history.rounds = list(history.rounds)
+            self.history.config = self.history.config or history.config
+            history = self.history
         if not history.rounds:
             return
         from pollinate.report import write_report, write_run_outputs

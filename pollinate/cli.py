@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pollinate.errors import ConfigError, PollinateError
+from pollinate.errors import ConfigError, PollinateError, dependency_error
 from pollinate.transport import DEFAULT_RESULT_MEMORY_BYTES
 
 log = logging.getLogger("pollinate")
@@ -30,9 +30,12 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pollinate import __version__
+
     parser = argparse.ArgumentParser(
         prog="pollinate", description="Federated learning: train where the data lives."
     )
+    parser.add_argument("--version", action="version", version=f"pollinate {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser(
@@ -127,7 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--server", required=True, help="the server's HOST:PORT")
     client.add_argument("--config", help="run config whose data partition this client holds")
     client.add_argument("--partition", type=int, help="which partition of --config's data")
-    client.add_argument("--app", help="package.module:function: your own client_fn")
+    client.add_argument(
+        "--app",
+        help="package.module:function: your own client_fn (the current folder is importable)",
+    )
     client.add_argument("--client-id", type=int, help="this client's id (with --app)")
     client.add_argument(
         "--expose",
@@ -145,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     _security_args(client, "ca.crt and client-<id>.key")
     client.add_argument("--ca", help="CA certificate of the server (default CERTS/ca.crt)")
     client.add_argument("--key", help="this client's signing key (default CERTS/client-<id>.key)")
+    client.add_argument("-q", "--quiet", action="store_true", help="errors only (no line per task)")
     client.add_argument(
         "--max-retries", type=int, default=None, help="give up after N failed connections"
     )
@@ -347,7 +354,11 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     for client_id in args.client_ids:
         key, _ = make_client_key(out, client_id, allow_list, overwrite=args.force)
         print(f"client {client_id}: {key} (copy to that client only)")
-    print(f"allow-list: {allow_list} (pass to pollinate server --allow-list)")
+    if allow_list == out / "allow-list.txt":
+        where = f"pollinate server --certs {out} reads it"
+    else:
+        where = f"pass it to pollinate server with --allow-list {allow_list}"
+    print(f"allow-list: {allow_list} ({where}; delete a line to revoke that client)")
     return 0
 
 
@@ -544,15 +555,35 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+class _Formatter(logging.Formatter):
+    """Progress (INFO) as ``pollinate: message``; warnings and errors with their level."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if record.levelno == logging.INFO:
+            return f"{record.name}: {text}"
+        return f"{record.levelname} {record.name}: {text}"
+
+
+def setup_logging(quiet: bool = False) -> None:
+    """pollinate's progress (INFO) and warnings on stderr, errors only with ``quiet``; other
+    libraries' warnings too. Leaves logging alone where the program has set it up already."""
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(_Formatter("%(message)s"))
+    handler.setLevel(logging.ERROR if quiet else logging.INFO)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    logging.getLogger("pollinate").setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pollinate`` command."""
     args = build_parser().parse_args(argv)
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC's C core logs handshakes otherwise
-    quiet = getattr(args, "quiet", False)
-    logging.basicConfig(
-        level=logging.ERROR if quiet else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(quiet=getattr(args, "quiet", False))
     signal.signal(signal.SIGTERM, _interrupt)  # like Ctrl-C: completed rounds, plots, report
     try:
         return COMMANDS[args.command](args)
@@ -561,6 +592,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except PollinateError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as exc:
+        hint = dependency_error(exc)  # an optional package imported where nothing checked it
+        if hint is None:
+            raise
+        print(f"error: {hint}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(

@@ -8,7 +8,6 @@ after the last completed round with the saved global model.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import sys
 import threading
@@ -98,7 +97,7 @@ class ConnectedClients:
     def __call__(self) -> list[ClientId]:
         while not self.fleet.wait_for(self.minimum, timeout=5.0):
             if not self.quiet:
-                log.warning(
+                log.info(
                     "waiting for clients: %d/%d connected",
                     len(self.fleet.connected()),
                     self.minimum,
@@ -337,18 +336,12 @@ def analytics_client_fn(cfg: AnalyticsConfig, partition: int, client_id: int) ->
 
 
 def load_app(spec: str) -> ClientFn:
-    """Import ``package.module:function``: a ``client_fn(context) -> Client``."""
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ConfigError(f"--app expects package.module:function, got {spec!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"cannot import {module_name!r} for --app: {exc}") from exc
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ConfigError(f"{module_name} has no callable {attr!r} for --app")
-    return fn  # type: ignore[no-any-return]
+    """Import ``package.module:function``: a ``client_fn(context) -> Client`` (the current
+    folder is importable)."""
+    from pollinate.imports import load_object
+
+    fn: ClientFn = load_object(spec, "--app")
+    return fn
 
 
 def config_client_fn(cfg: RunConfig, partition: int) -> ClientFn:

@@ -60,7 +60,41 @@ class MissingDependencyError(PollinateError, ImportError):
 
 
 def missing_dependency(package: str, extra: str) -> MissingDependencyError:
-    """Build the error raised when an optional ``package`` is missing."""
+    """Build the error raised when an optional ``package`` is missing: it ends with the
+    install line for a PyPI install and for an editable install of a clone."""
     return MissingDependencyError(
-        f"{package} is not installed; install it with: pip install 'pollinate[{extra}]'"
+        f"{package} is not installed; install it with: pip install 'pollinate[{extra}]' "
+        f"(or, in a clone of the repository: pip install -e '.[{extra}]')"
     )
+
+
+OPTIONAL_MODULES: dict[str, tuple[str, str]] = {
+    # an importable name: (the package that provides it, the pollinate extra that installs it)
+    "torch": ("torch", "torch"),
+    "sklearn": ("scikit-learn", "data"),
+    "ray": ("ray", "ray"),
+    "grpc": ("grpcio", "deploy"),
+    "google.protobuf": ("protobuf", "deploy"),
+    "cryptography": ("cryptography", "deploy"),
+    "dp_accounting": ("dp-accounting", "privacy"),
+    "pandas": ("pandas", "analytics"),
+    "pyarrow": ("pyarrow", "analytics"),
+    "datasets": ("datasets", "hf"),
+    "PIL": ("pillow", "hf"),
+    "mlflow": ("mlflow-skinny", "tracking"),
+    "tensorboard": ("tensorboard", "tracking"),
+    "wandb": ("wandb", "tracking"),
+}
+"""Optional dependencies by the name they are imported as, for :func:`dependency_error`."""
+
+
+def dependency_error(exc: ImportError) -> MissingDependencyError | None:
+    """The install hint for ``exc`` when it is an optional dependency that is not installed
+    (``import torch`` failing, or ``import torch.nn``); None for any other import error."""
+    name = getattr(exc, "name", None)
+    if not isinstance(exc, ModuleNotFoundError) or not name:
+        return None
+    for module, (package, extra) in OPTIONAL_MODULES.items():
+        if name == module or name.startswith(module + "."):
+            return missing_dependency(package, extra)
+    return None

@@ -16,12 +16,12 @@ torch is imported only when a model is built, so configs can be checked without 
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pollinate.errors import ConfigError, missing_dependency
+from pollinate.imports import load_object
 
 if TYPE_CHECKING:
     from torch import nn
@@ -150,29 +150,18 @@ def _torch_nn() -> Any:
     return nn
 
 
+def require_torch() -> None:
+    """Raise ``MissingDependencyError`` with the install line when torch is not installed
+    (before anything imports ``pollinate.frameworks.torch``)."""
+    _torch_nn()
+
+
 def _build_user_model(
     name: str, input_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...]
 ) -> nn.Module:
     nn = _torch_nn()
-    module_name, _, attr = name.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name is not None and (module_name + ".").startswith(e.name + "."):
-            raise ConfigError(
-                f"model {name!r}: cannot import module {module_name!r}; make sure it is "
-                "installed or on PYTHONPATH (run from the folder that holds it)"
-            ) from e
-        raise ConfigError(f"model {name!r}: importing {module_name!r} failed: {e}") from e
-    except ImportError as e:
-        raise ConfigError(f"model {name!r}: importing {module_name!r} failed: {e}") from e
-    target: Any = module
-    for part in attr.split("."):
-        if not hasattr(target, part):
-            raise ConfigError(f"model {name!r}: module {module_name!r} has no {attr!r}")
-        target = getattr(target, part)
-    if not callable(target):
-        raise ConfigError(f"model {name!r}: {attr!r} is not callable")
+    target = load_object(name, "model")
+    attr = name.partition(":")[2]
     offered = {"input_shape": input_shape, "num_classes": num_classes, "hidden": hidden}
     model = target(**_accepted(target, offered))
     if not isinstance(model, nn.Module):

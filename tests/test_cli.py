@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -155,3 +156,174 @@ def test_report_command(tmp_path, capsys):
     assert main(["report", str(out)]) == 0
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "digits" in html
+
+
+# --- the first hour: what a new user meets -------------------------------------------------
+
+# What the ``pollinate`` console script does: its folder, not the current one, is sys.path[0]
+AS_CONSOLE_SCRIPT = (
+    "import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+    "from pollinate.cli import main; sys.exit(main())"
+)
+
+
+def without(package: str) -> str:
+    """Code that runs the console script as if ``package`` were not installed."""
+    return (
+        textwrap.dedent(
+            f"""
+        import sys
+
+        class NotInstalled:
+            def find_spec(self, name, path=None, target=None):
+                if name == {package!r} or name.startswith({package + "."!r}):
+                    raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+
+        sys.meta_path.insert(0, NotInstalled())
+        """
+        )
+        + AS_CONSOLE_SCRIPT
+    )
+
+
+WITHOUT_TORCH = without("torch")
+INSTALL_TORCH = (
+    "pip install 'pollinate[torch]' (or, in a clone of the repository: pip install -e '.[torch]')"
+)
+
+
+def python_c(code: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_version_prints_the_package_version(tmp_path):
+    from pollinate import __version__
+
+    proc = pollinate("--version", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"pollinate {__version__}"
+
+
+def test_missing_torch_ends_with_both_install_lines_and_no_traceback(tmp_path):
+    proc = python_c(WITHOUT_TORCH, "run", "--set", "run.rounds=1", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == f"error: torch is not installed; install it with: {INSTALL_TORCH}"
+    # commands that need no torch still work without it
+    proc = python_c(WITHOUT_TORCH, "partition", "--set", "data.num_clients=3", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "3 clients" in proc.stdout
+
+
+USER_CODE = {
+    "h12models.py": (
+        "from torch import nn\n\n"
+        "def small(input_shape, num_classes):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes))\n"
+    ),
+    "h12split.py": (
+        "import numpy as np\n\n"
+        "def by_parity(labels, num_clients, rng):\n"
+        "    return [np.flatnonzero(np.arange(len(labels)) % num_clients == i)\n"
+        "            for i in range(num_clients)]\n"
+    ),
+    "h12strategy.py": (
+        "import pollinate\n\n"
+        "def plain(**kw):\n"
+        "    return pollinate.FedAvg(**kw)\n\n"
+        "def needs_ray(**kw):\n"
+        "    import ray\n"
+        "    return pollinate.FedAvg(**kw)\n"
+    ),
+}
+
+
+@pytest.mark.slow
+def test_user_code_in_the_current_folder_is_found_by_the_console_script(tmp_path):
+    for name, text in USER_CODE.items():
+        (tmp_path / name).write_text(text)
+    common = ["--set", "data.num_clients=2", "--set", "run.rounds=1", "--set", "train.epochs=1"]
+    proc = python_c(
+        AS_CONSOLE_SCRIPT,
+        "run",
+        "-q",
+        *common,
+        "--set",
+        "model.name=h12models:small",
+        "--set",
+        "data.partition=h12split:by_parity",
+        "--set",
+        "strategy.name=h12strategy:plain",
+        "--set",
+        "simulation.workers=1",  # the model is built in a worker process: it finds it too
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    history = json.loads((tmp_path / "runs" / "digits" / "history.json").read_text())
+    assert history["rounds"][0]["train"]["clients"] == 2
+    last, _ = load_checkpoint(tmp_path / "runs" / "digits" / "checkpoints" / "last.npz")
+    assert [a.shape for a in last] == [(10, 64), (10,)]  # h12models.small, not the default mlp
+    # an optional package the user's code needs gets its install line, not a traceback
+    proc = python_c(
+        without("ray"),
+        "run",
+        *common,
+        "--set",
+        "strategy.name=h12strategy:needs_ray",
+        "--set",
+        "run.output=other",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "ray is not installed" in proc.stderr and "pip install -e '.[ray]'" in proc.stderr
+
+
+ONE_QUERY = """
+[run]
+output = "answers"
+[data]
+dataset = "diabetes"
+num_clients = 2
+[simulation]
+backend = "sequential"
+[[query]]
+name = "patients"
+statistic = "count"
+"""
+
+
+@pytest.mark.slow  # two processes that import pandas and scikit-learn
+def test_progress_is_shown_as_info_and_quiet_shows_errors_only(tmp_path):
+    (tmp_path / "q.toml").write_text(ONE_QUERY)
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "pollinate.cli", "analyze", "q.toml", *flags],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for flags in ([], ["-q"])
+    ]
+    (out, err), (quiet_out, quiet_err) = (p.communicate(timeout=600) for p in runs)
+    assert [p.returncode for p in runs] == [0, 0], err + quiet_err
+    assert "pollinate: query 1/1 patients: 442" in err.splitlines()  # INFO, without a level
+    assert "WARNING" not in err
+    assert quiet_err == "" and "442" in quiet_out
+
+
+def test_keys_advice_names_the_flag_the_server_reads(tmp_path):
+    proc = pollinate("keys", "certs", "0", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "pollinate server --certs certs reads it" in proc.stdout
+    assert "--allow-list" not in proc.stdout
+    assert (tmp_path / "certs" / "allow-list.txt").read_text().startswith("0 ")
+    proc = pollinate("keys", "certs", "1", "--allow-list", "clients.txt", cwd=tmp_path)
+    assert "pass it to pollinate server with --allow-list clients.txt" in proc.stdout

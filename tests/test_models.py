@@ -186,8 +186,8 @@ def test_user_model_through_a_pickled_model_fn(user_module):
 @pytest.mark.parametrize(
     ("name", "match"),
     [
-        ("my_models.missing:f", "cannot import module 'my_models.missing'.*PYTHONPATH"),
-        ("no_such_package_xyz:f", "cannot import module 'no_such_package_xyz'"),
+        ("my_models.missing:f", "cannot import 'my_models.missing'.*PYTHONPATH"),
+        ("no_such_package_xyz:f", "cannot import 'no_such_package_xyz'"),
         ("my_models.broken:f", "importing 'my_models.broken' failed.*a_dependency_that_is_not"),
         ("my_models.zoo:missing", "module 'my_models.zoo' has no 'missing'"),
         ("my_models.zoo:not_callable", "'not_callable' is not callable"),

@@ -76,7 +76,7 @@ def run_queries(
         record["wall_s"] = round(time.monotonic() - started, 4)
         answers.append(record)
         if not quiet:
-            log.warning("query %d/%d %s: %s", i, len(cfg.queries), query.name, _short(record))
+            log.info("query %d/%d %s: %s", i, len(cfg.queries), query.name, _short(record))
     return answers
 
 

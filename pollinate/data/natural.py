@@ -9,16 +9,13 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import os
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 
 from pollinate.data.partition import Partition, _check_request, _offsets
-from pollinate.errors import ConfigError, DataError
+from pollinate.errors import DataError
 
 PartitionFn = Callable[[np.ndarray, int, np.random.Generator], Sequence[Any]]
 
@@ -131,23 +128,7 @@ class FunctionPartitioner:
 
 def import_function(spec: str, what: str) -> Callable[..., Any]:
     """Import ``"package.module:function"`` for ``what``; the current folder is importable."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ConfigError(f"{what} {spec!r}: expected 'package.module:function'")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.append(os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(
-            f"{what} {spec!r}: cannot import {module_name!r} ({exc}); run from the folder that "
-            "holds it or add that folder to PYTHONPATH"
-        ) from exc
-    target: Any = module
-    for part in attr.split("."):
-        if not hasattr(target, part):
-            raise ConfigError(f"{what} {spec!r}: module {module_name!r} has no {attr!r}")
-        target = getattr(target, part)
-    if not callable(target):
-        raise ConfigError(f"{what} {spec!r}: {attr!r} is not callable")
-    return target  # type: ignore[no-any-return]
+    from pollinate.imports import load_object
+
+    function: Callable[..., Any] = load_object(spec, what)
+    return function

@@ -107,6 +107,8 @@ def get_framework(name: str) -> Framework:
             raise
         missing = getattr(e, "name", None) or package
         error = missing_dependency(package, extra)
+        if missing == package:  # the install line says it all
+            raise error from e
         raise type(error)(f"{error} (import of {missing!r} failed: {e})") from e
     framework: Framework = module.FRAMEWORK
     return framework

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pollinate.client import ClientFn, MemoryStateStore, StateStore, task_seed
@@ -140,6 +142,7 @@ def simulate(
     environment: Environment | None = None,
     deadline_s: float | None = None,
     attack: Attack | None = None,
+    output: str | Path | None = None,
 ) -> RunResult:
     """Run rounds ``start_round..rounds`` of federated learning over ``num_clients`` virtual
     clients (``start_round > 1``: resuming, with ``initial_arrays`` the model after round
@@ -155,6 +158,12 @@ def simulate(
     instance of a module-level class). Clients are the ids ``0..num_clients-1``; memory does
     not grow with clients that are not sampled. ``secure`` (a
     ``pollinate.privacy.SecureAggregation``) runs training through secure aggregation.
+
+    ``output`` (a folder, e.g. ``"runs/my-run"``) writes the run folder as ``pollinate run``
+    does, through a :class:`~pollinate.callbacks.RunFolderWriter` placed before
+    ``callbacks`` (so trackers among them log its files): history.json and metrics.csv after
+    every round, checkpoints/last.npz and best.npz, and at the end the plots and
+    report.html. The folder is locked while the run writes it (``pollinate.runlock``).
     """
     if num_clients < 1:
         raise ConfigError(f"num_clients must be >= 1, got {num_clients}")
@@ -162,6 +171,14 @@ def simulate(
         raise ConfigError(f"rounds must be >= 1, got {rounds}")
     if not 1 <= start_round <= rounds:
         raise ConfigError(f"start_round must be in 1..rounds={rounds}, got {start_round}")
+    lock: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if output is not None:
+        from pollinate.callbacks import RunFolderWriter
+        from pollinate.runlock import RunLock
+
+        lock = RunLock(output)  # one writer per run folder, held for the whole run
+        history = history if history is not None else History()
+        callbacks = [RunFolderWriter(output, history, strategy=strategy), *callbacks]
     engine = (
         make_backend(backend, workers, threads_per_worker, ray_address, gpus_per_worker)
         if isinstance(backend, str)
@@ -179,18 +196,19 @@ def simulate(
 
         executor = VirtualClockExecutor(executor, environment, deadline_s)
         callbacks = [ClockRecorder(executor), *callbacks]  # first: the writers see its stats
-    try:
-        engine.start(client_fn)  # inside the try: a start that fails half-way is closed too
-        return run(
-            strategy,
-            executor,
-            range(num_clients),
-            initial_arrays,
-            rounds,
-            callbacks=callbacks,
-            history=history,
-            start_round=start_round,
-            secure=secure,
-        )
-    finally:
-        engine.close()
+    with lock:
+        try:
+            engine.start(client_fn)  # inside the try: a start that fails half-way is closed too
+            return run(
+                strategy,
+                executor,
+                range(num_clients),
+                initial_arrays,
+                rounds,
+                callbacks=callbacks,
+                history=history,
+                start_round=start_round,
+                secure=secure,
+            )
+        finally:
+            engine.close()

@@ -22,7 +22,6 @@ fractions, minimums, the round deadline, train/evaluate configs, ``evaluate_fn``
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -214,17 +213,9 @@ def make_strategy(name: str, params: dict[str, Any], **common: Any) -> Strategy:
 
 
 def _user_strategy(spec: str, params: dict[str, Any], common: dict[str, Any]) -> Strategy:
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(
-            f"strategy.name = {spec!r}: cannot import {module_name!r} ({exc}); run from the "
-            "folder that holds it, or install its package"
-        ) from exc
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise ConfigError(f"strategy.name = {spec!r}: {module_name} has no callable {attr!r}")
+    from pollinate.imports import load_object
+
+    factory = load_object(spec, "strategy.name =")
     try:
         strategy = factory(**params, **common)
     except TypeError as exc:

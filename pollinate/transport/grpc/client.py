@@ -213,6 +213,18 @@ def fetch_status(
     return status
 
 
+def _log_task(client_id: int, round_number: object, kind: TaskKind, outcome: Outcome) -> None:
+    """One line per task the client ran: its round, kind and seconds (and why it failed)."""
+    where = f"round {round_number} " if round_number is not None else ""
+    if outcome.ok:
+        log.info("client %d: %s%s done in %.2f s", client_id, where, kind, outcome.seconds)
+    else:  # with the client's traceback when it raised
+        why = (outcome.traceback or "").rstrip() or outcome.error
+        log.error(
+            "client %d: %s%s failed after %.2f s: %s", client_id, where, kind, outcome.seconds, why
+        )
+
+
 class _Worker:
     """Runs tasks one at a time for the life of the process (one model, one state).
 
@@ -295,14 +307,12 @@ class _Worker:
     ) -> None:
         if not session.wants(task_id):
             return
-        log.info("client %d: %s task %s", self.client_id, kind, task_id)
         with self._lock:
             self._enter_round(config)
             task = Task(self.client_id, kind, config, state=dict(self.state))
         try:
             outcome = execute_task(self.client_fn, task, arrays, self.cache)
-            if outcome.traceback:
-                log.error("client %d: %s failed:\n%s", self.client_id, kind, outcome.traceback)
+            _log_task(self.client_id, config.get("round"), kind, outcome)
             if session.send_result(task_id, kind, outcome) and outcome.ok:
                 if outcome.state is not None:
                     with self._lock:
@@ -490,7 +500,7 @@ class _Session:
     def _handle(self, msg: pb.ServerMessage) -> None:
         which = msg.WhichOneof("body")
         if which == "finished":
-            log.warning("client %d: %s; stopping", self.client_id, msg.finished.reason)
+            log.info("client %d: %s; stopping", self.client_id, msg.finished.reason)
             self.finished = True
             self.stop.set()
             return

@@ -317,7 +317,7 @@ class FleetServer:
             target=self._watch, name="pollinate-heartbeats", daemon=True
         )
         self._watcher.start()
-        log.info("listening on %s (run %s)", self.address, self.run_id or "-")
+        log.debug("listening on %s (run %s)", self.address, self.run_id or "-")
         return self
 
     def stop(self, grace: float = 1.0, *, finished: str | None = None) -> None:
