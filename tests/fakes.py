@@ -119,3 +119,24 @@ class SlowStartClientFn(MeanClientFn):
     def __setstate__(self, state: dict[str, object]) -> None:
         time.sleep(float(state["delay_s"]))  # type: ignore[arg-type]
         self.__dict__.update(state)
+
+
+class CarryClient:
+    """Carries a large array through its saved state: each train task returns the state's
+    ``carry`` plus one as the new ``carry``, and ``arrays[0] + client_id`` as the update."""
+
+    def __init__(self, ctx: ClientContext) -> None:
+        self.ctx = ctx
+
+    def train(self, arrays: Arrays, config: Config) -> TrainRes:
+        carry = self.ctx.state["carry"]
+        self.ctx.state["carry"] = carry + 1.0
+        return TrainRes([arrays[0] + np.float32(self.ctx.client_id)], num_examples=1)
+
+    def evaluate(self, arrays: Arrays, config: Config) -> EvaluateRes:
+        return EvaluateRes(0.0, num_examples=1)
+
+
+def carry_client_fn(ctx: ClientContext) -> CarryClient:
+    """A module-level (picklable) ``client_fn`` building ``CarryClient``s."""
+    return CarryClient(ctx)

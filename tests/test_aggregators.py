@@ -167,6 +167,23 @@ def test_float32_storage_is_close_to_float64() -> None:
         np.testing.assert_allclose(narrow[0], wide[0], rtol=1e-6, atol=1e-6)
 
 
+def test_float32_values_in_float32_storage_give_the_float64_result_exactly() -> None:
+    """Sorting float32 values orders them as their (exact) float64 widening would, and the
+    sums taken afterwards are in float64: storing float32-representable updates in float32
+    changes nothing, bit for bit (a float32 sum or mean would differ in the last bits).
+    The updates are float64 arrays, so the result comes back unrounded."""
+    rng = np.random.default_rng(6)
+    for n in (11, 12):
+        updates = [
+            [(rng.normal(size=(3000,)) * 1e3).astype(np.float32).astype(np.float64)]
+            for _ in range(n)
+        ]
+        for cls in (Median, TrimmedMean, Bulyan):
+            wide = cls().aggregate(updates, [1] * n)
+            narrow = cls(dtype="float32").aggregate(updates, [1] * n)
+            np.testing.assert_array_equal(narrow[0], wide[0])
+
+
 def test_weighted_mean_keeps_the_old_semantics() -> None:
     template = [np.zeros(3, dtype=np.int64), np.zeros(2, dtype=np.uint8)]
     acc = WeightedMean().start(template)

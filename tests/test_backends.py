@@ -20,7 +20,7 @@ from pollinate.simulation import make_backend, simulate
 from pollinate.simulation.backends.base import Backend, longest_first
 from pollinate.strategy.fedavg import FedAvg
 from pollinate.types import Outcome, QueryRes, Task, TrainRes
-from tests.fakes import MeanClientFn, cache_client_fn, initial
+from tests.fakes import MeanClientFn, cache_client_fn, carry_client_fn, initial
 
 BACKENDS = ["sequential", "process", pytest.param("ray", marks=pytest.mark.slow)]
 WORKER_BACKENDS = ["process", pytest.param("ray", marks=pytest.mark.slow)]
@@ -117,6 +117,28 @@ def test_one_correct_outcome_per_task(name: str, started: Any) -> None:
             assert o.result.loss == pytest.approx(abs(2.0 - cid))
             assert o.result.num_examples == cid + 1
     assert arrays[0][0, 0] == 2.0  # the caller's arrays are left alone
+
+
+@pytest.mark.timeout(60)
+def test_tasks_and_results_larger_than_a_pipe_buffer_complete(name: str, started: Any) -> None:
+    """Every task carries an 8 MiB state and every result returns a new one plus a 4 MiB
+    update: far over a pipe's buffer, with two tasks in flight per process worker (the
+    parent once blocked sending the second task while the worker blocked sending the first
+    one's result). The timeout turns such a hang into a failure."""
+    backend = started(name, carry_client_fn)
+    size = 1 << 20
+    arrays = [np.full(size, 0.5, np.float32)]
+    tasks = [
+        Task(cid, "train", {"seed": cid}, state={"carry": np.full(size, float(cid))})
+        for cid in range(6)
+    ]
+    outcomes = list(backend.run(arrays, tasks, time.monotonic() + 50))
+    assert sorted(o.client_id for o in outcomes) == list(range(6))
+    for o in outcomes:
+        assert o.ok, o.error
+        assert o.state is not None
+        np.testing.assert_array_equal(o.state["carry"], np.full(size, o.client_id + 1.0))
+        np.testing.assert_array_equal(o.result.arrays[0], np.full(size, 0.5 + o.client_id))
 
 
 def test_query_tasks_return_local_sums(name: str, started: Any) -> None:

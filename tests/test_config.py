@@ -28,7 +28,18 @@ def test_file_and_overrides(tmp_path):
     assert cfg.train.optimizer == "adam" and cfg.train.lr == 0.5
 
 
-@pytest.mark.parametrize("name", ["fashion-mnist-blog.toml", "digits-noniid.toml", "digits.toml"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "fashion-mnist-blog.toml",
+        "digits-noniid.toml",
+        "digits.toml",
+        "digits-fedadam.toml",
+        "digits-scaffold.toml",
+        "digits-qfedavg.toml",
+        "digits-robust.toml",
+    ],
+)
 def test_examples_are_valid(name):
     cfg = config.load(ROOT / "examples" / name)
     assert cfg.run.rounds > 0

