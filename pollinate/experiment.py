@@ -12,6 +12,7 @@ from pollinate.callbacks import ProgressDisplay, RunFolderWriter
 from pollinate.client import ClientFn
 from pollinate.config import RunConfig
 from pollinate.data import FederatedDataset, federated_from_config
+from pollinate.errors import ConfigError
 from pollinate.server import Callback, History, RunResult
 from pollinate.simulation import simulate
 from pollinate.strategy.base import Strategy
@@ -216,6 +217,12 @@ def _run_experiment(cfg: RunConfig, quiet: bool) -> RunResult:
     run = build_run(cfg)
     history = run.history(prior.records if prior else ())
     arrays = run.initial_arrays
+    if prior is not None and cfg.strategy.name == "fedbuff":
+        raise ConfigError(
+            f"{folder} holds a fedbuff run, and strategy fedbuff cannot resume: the "
+            "clients in flight when it stopped cannot be restored; start afresh with --fresh "
+            "(the old folder is kept beside it)"
+        )
     if prior is not None:
         arrays = prior.arrays
         run.strategy.restore(history.rounds)
