@@ -151,10 +151,13 @@ def _serve(
     ready: threading.Event | None,
     transport: dict[str, Any],
 ) -> RunResult:
+    from pollinate.asynchronous import run_async
     from pollinate.experiment import build_run
     from pollinate.privacy.accounting import PrivacyBudgetExceeded
     from pollinate.state import ServerState
+    from pollinate.strategy.fedbuff import FedBuff
     from pollinate.tracking import build_trackers
+    from pollinate.transport.grpc.asynchronous import AsyncGrpcTasks
     from pollinate.transport.grpc.server import FleetServer, GrpcExecutor
 
     fleet_kw, executor_kw = _split_transport(transport)
@@ -168,6 +171,12 @@ def _serve(
         strategy.restore(history.rounds)  # e.g. the adaptive clip, clients' local DP releases
         if last:
             strategy.load_state(state.strategy_state(last))  # momentum, moments, variates …
+        if last and cfg.strategy.name == "fedbuff":
+            raise ConfigError(
+                f"{cfg.output_dir} holds a fedbuff run stopped after server step {last}, and "
+                "strategy fedbuff cannot resume: the clients in flight when it stopped cannot "
+                "be restored; start afresh with --fresh"
+            )
         if last >= cfg.run.rounds:
             print(  # not a log line: -q must not hide why the server exits at once
                 f"pollinate server {state.run_id[:8]}: the run already finished "
@@ -214,18 +223,33 @@ def _serve(
             executor = GrpcExecutor(
                 fleet, seed=cfg.run.seed, deterministic=cfg.run.deterministic, **executor_kw
             )
+            connected = ConnectedClients(fleet, cfg.strategy.min_available_clients, quiet)
             try:
-                result = run(
-                    strategy,
-                    executor,
-                    ConnectedClients(fleet, cfg.strategy.min_available_clients, quiet),
-                    arrays,
-                    cfg.run.rounds,
-                    callbacks=callbacks,
-                    history=history,
-                    start_round=last + 1,
-                    secure=built.secure,
-                )
+                if isinstance(strategy, FedBuff):  # asynchronous: server steps, not rounds
+                    tasks = AsyncGrpcTasks(
+                        fleet, seed=cfg.run.seed, timeout_s=strategy.round_timeout_s, **executor_kw
+                    )
+                    result = run_async(
+                        strategy,
+                        tasks,
+                        connected,
+                        arrays,
+                        cfg.run.rounds,
+                        callbacks=callbacks,
+                        history=history,
+                    )
+                else:
+                    result = run(
+                        strategy,
+                        executor,
+                        connected,
+                        arrays,
+                        cfg.run.rounds,
+                        callbacks=callbacks,
+                        history=history,
+                        start_round=last + 1,
+                        secure=built.secure,
+                    )
             except PrivacyBudgetExceeded as exc:  # a clean stop: completed rounds are saved
                 log.warning("%s; the completed rounds are in %s", exc, cfg.output_dir)
                 state.set_status("budget exhausted")

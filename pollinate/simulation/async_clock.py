@@ -13,7 +13,10 @@ with compute ``num_examples × epochs × seconds_per_example`` (or the measured 
 the dispatch number instead of a round: a client is **offline** (it fails at once and costs no
 time), its download or upload is **lost** (noticed at the task timeout, or when the transfer
 would have ended if there is none) or **corrupted** (rejected on arrival), or it takes longer
-than the task timeout (``timeout_s``; the slot is freed at ``start + timeout_s``).
+than the task timeout (``timeout_s``; the slot is freed at ``start + timeout_s``). A client
+that raises reports its error right after its download when its profile gives
+``seconds_per_example`` (there is no example count to charge), after its measured seconds /
+``speed`` otherwise.
 
 The training itself really runs on the backend, lazily and in batches: a dispatched client
 is only trained when the next event cannot be decided without its duration (its earliest
@@ -180,6 +183,8 @@ class AsyncClock:
         epochs = float(w.ins.config.get("epochs", 1))
         compute = w.profile.compute_s(outcome.seconds, examples, epochs)
         if outcome.error is not None:  # the client raised, or its worker died
+            if w.profile.seconds_per_example > 0:
+                compute = 0.0  # no example count to charge: its error comes back at once
             self._at(w.start + min(w.t_down + compute, self.timeout_s), w.task, outcome)
             return
         up = payload_size(res.arrays) if isinstance(res, TrainRes) else 0
