@@ -4,12 +4,16 @@ event order on the virtual clock, reproducibility, failures, and the run config.
 from __future__ import annotations
 
 import math
+import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from pollinate.compression import Compression
 from pollinate.config import from_dict, load
 from pollinate.errors import ConfigError, RoundFailedError
 from pollinate.experiment import run_experiment
@@ -155,6 +159,27 @@ def test_events_on_the_virtual_clock_by_hand(tmp_path: Path) -> None:
     assert steps[-1]["centralized"]["mean"] == pytest.approx(1 + 2 / math.sqrt(3), rel=1e-6)
 
 
+def test_compressed_updates_are_decoded_against_the_model_their_client_started_from(
+    tmp_path: Path,
+) -> None:
+    """The by-hand run above with fp16 updates Δ = w − x_v (exact here): client 2's update
+    arrives two steps late and must be decoded against x₀ = 0, not the current x₂ = 1."""
+    trace = tmp_path / "clients.csv"
+    trace.write_text("seconds_per_example\n5\n0.5\n1\n")
+    compression = Compression(uplink="fp16")
+    result = simulate(
+        compression.client(MeanClientFn()),
+        num_clients=3,
+        strategy=FedBuff(concurrency=3, buffer_size=1, transforms=[compression]),
+        initial_arrays=initial(),
+        rounds=3,
+        backend="sequential",
+        environment=Environment.from_trace(trace, 3),
+    )
+    assert [list(r["clients"]) for r in result.history.rounds] == [["1"], ["1"], ["2"]]
+    np.testing.assert_allclose(result.arrays[0], 1 + 2 / math.sqrt(3), rtol=1e-6)
+
+
 def test_without_an_environment_every_client_takes_1_ms_per_example() -> None:
     result = simulate(
         MeanClientFn(),
@@ -273,3 +298,16 @@ def test_example_config_runs_writes_server_steps_and_refuses_to_resume(tmp_path:
         assert (out / name).is_file(), name
     with pytest.raises(ConfigError, match="fedbuff cannot resume.*--fresh"):
         run_experiment(cfg, quiet=True)
+
+
+@pytest.mark.slow
+def test_the_readme_fedbuff_example_runs(tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text()
+    code = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "FedBuff(" in b)
+    (tmp_path / "example.py").write_text(code)
+    proc = subprocess.run(
+        [sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    clock_s, accuracy = map(float, re.findall(r"\d+\.\d+", proc.stdout.splitlines()[-1]))
+    assert clock_s > 0 and accuracy > 0.6
