@@ -97,6 +97,7 @@ def run_async(
                 raise RoundFailedError(
                     f"server step {step}: no client to train ({len(population)} available)"
                 )
+            _prefetch(executor, strategy, arrays, population, flight, dispatched)
 
             # 2. the next result to arrive
             task, outcome = executor.next()
@@ -179,3 +180,29 @@ def refuse_with_fedbuff(*, secure: Any = None, attack: Any = None, start_round: 
             f"strategy fedbuff cannot resume (start_round = {start_round}): the clients in "
             "flight when the run stopped cannot be restored; start the run afresh"
         )
+
+
+def _prefetch(
+    executor: AsyncExecutor,
+    strategy: FedBuff,
+    arrays: Arrays,
+    population: Sequence[ClientId],
+    flight: dict[int, tuple[ClientId, int]],
+    dispatched: int,
+) -> None:
+    """Tell an executor that can train ahead (``prefetch``, the simulation's) which clients
+    the next dispatches will pick while the buffer fills, from the current model: the seeded
+    picks, with today's busy clients (a guess; a wrong one is dropped, never used)."""
+    prefetch = getattr(executor, "prefetch", None)
+    ahead = strategy.buffer_size - strategy.buffered - 1
+    if prefetch is None or strategy.seed is None or ahead <= 0:
+        return
+    busy = {cid for cid, _ in flight.values()}
+    guesses = []
+    for task in range(dispatched, dispatched + ahead):
+        cid = strategy.pick(task, population, busy)
+        if cid is None:
+            break
+        busy.add(cid)
+        guesses.append((task, cid))
+    prefetch(guesses, strategy.peek_instructions(arrays))

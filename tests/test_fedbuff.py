@@ -13,11 +13,14 @@ from typing import Any
 import numpy as np
 import pytest
 
+from pollinate.asynchronous import run_async
 from pollinate.compression import Compression
 from pollinate.config import from_dict, load
 from pollinate.errors import ConfigError, RoundFailedError
 from pollinate.experiment import run_experiment
-from pollinate.simulation.engine import simulate
+from pollinate.simulation.async_clock import AsyncClock
+from pollinate.simulation.backends.sequential import SequentialBackend
+from pollinate.simulation.engine import SimulationExecutor, simulate
 from pollinate.simulation.environment import Environment
 from pollinate.strategy.aggregators import Median
 from pollinate.strategy.fedbuff import FedBuff, Staleness
@@ -228,8 +231,60 @@ def test_the_same_seed_gives_the_same_history_on_the_sequential_and_process_back
     # failures of every kind are counted and their slots refilled, never averaged in
     kinds = {f["kind"] for r in steps for f in r["failures"]}
     assert {"offline", "lost", "error", "timeout"} <= kinds, kinds
+    for kind in ("offline", "lost"):  # the clock's counts are the failures of each step
+        assert [r["environment"]["train"][kind] for r in steps] == [
+            sum(f["kind"] == kind for f in r["failures"]) for r in steps
+        ]
     assert sum(r["environment"]["bytes_down"] for r in steps) > 0
     assert _strip(_tiered_run("sequential", seed=2).history.rounds) != _strip(steps)
+
+
+class _NoPrefetch(AsyncClock):
+    prefetch = None  # type: ignore[assignment]  # the loop then never trains ahead
+
+
+def _drive(clock_type: type[AsyncClock]) -> tuple[list[dict[str, Any]], int]:
+    """FedBuff through ``run_async`` by hand, on a clock that trains ahead or not; returns
+    the history and how many tasks the backend ran."""
+    backend = SequentialBackend()
+    backend.start(MeanClientFn())
+    ran = 0
+    executor = SimulationExecutor(backend, seed=4)
+    submit = executor.submit_tasks
+
+    def counted(*args: Any, **kw: Any) -> Any:
+        nonlocal ran
+        for outcome in submit(*args, **kw):
+            ran += 1
+            yield outcome
+
+    executor.submit_tasks = counted  # type: ignore[method-assign]
+    tiers = [
+        {"share": 0.7, "seconds_per_example": 0.01, "latency_ms": 50},
+        {"share": 0.3, "seconds_per_example": 0.05},
+    ]
+    env = Environment.from_tiers(tiers, 30, seed=4)
+    clock = clock_type(executor, env, timeout_s=60.0)
+    strategy = FedBuff(concurrency=10, buffer_size=4, seed=4)
+    result = run_async(strategy, clock, range(30), initial(), 20, clock=lambda: clock.now)
+    backend.close()
+    return _strip(result.history.rounds), ran
+
+
+def test_training_ahead_changes_nothing_but_the_batches() -> None:
+    """Results trained ahead of their dispatch (in the same batch as a needed one) give the
+    same history as training each client when the clock needs it, client state included:
+    MeanClient counts its trainings in its state, and each client's count goes 1, 2, 3 …"""
+    ahead, ran_ahead = _drive(AsyncClock)
+    plain, ran_plain = _drive(_NoPrefetch)
+    assert ahead == plain
+    assert ran_ahead >= ran_plain  # wrong guesses cost work, never results
+    counts: dict[str, list[int]] = {}
+    for record in ahead:
+        for cid, entry in record["clients"].items():
+            counts.setdefault(cid, []).append(entry["train"]["state_rounds"])
+    assert all(c == sorted(set(c)) for c in counts.values()), counts
+    assert max(len(c) for c in counts.values()) >= 3
 
 
 def test_a_run_where_no_client_can_deliver_stops_with_a_clear_error() -> None:

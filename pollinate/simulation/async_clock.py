@@ -22,11 +22,15 @@ The training itself really runs on the backend, lazily and in batches: a dispatc
 is only trained when the next event cannot be decided without its duration (its earliest
 possible end, ``start + latency + download``, comes before the earliest known end). Then
 every dispatched client not yet trained runs in one batch (``SimulationExecutor.
-submit_tasks``: in parallel on the process backend, one backend call per model version). A
-client's result depends only on the model it was sent, its data and its task seed, never on
-when the backend ran it, so the simulated history is the same whatever the backend and
-however the batches fall: the same seed gives the same history (ties in time go to the
-earlier dispatch).
+submit_tasks``: in parallel on the process backend, one backend call per model version),
+together with the dispatches the loop expects next on the same model (``prefetch``: the
+clients its seeded picks will choose while the buffer fills, up to ``buffer_size − 1``). A
+client's result depends only on the model it was sent, its data, its state and its task seed,
+never on when the backend ran it: a prefetched result is used only when the real dispatch has
+the same number, client and model, its client state is saved only then, and a wrong guess is
+dropped (its client's state untouched). So the simulated history is the same whatever the
+backend and however the batches fall: the same seed gives the same history (ties in time go
+to the earlier dispatch).
 """
 
 from __future__ import annotations
@@ -90,9 +94,12 @@ class AsyncClock:
         self.timeout_s = float(timeout_s)
         self.wall_timeout_s = 600.0  # the backend's real-time limit for one batch
         self.now = 0.0
-        self._events: list[tuple[float, int, Outcome]] = []  # (end, task, outcome): a heap
+        # (end, task, outcome, bytes up, failure counted on arrival): a heap
+        self._events: list[tuple[float, int, Outcome, int, str]] = []
         self._waiting: dict[int, _Waiting] = {}
         self._sizes: dict[int, int] = {}  # serialized size per broadcast
+        self._guesses: dict[int, tuple[ClientId, TrainIns]] = {}  # expected dispatches
+        self._cache: dict[int, tuple[ClientId, TrainIns, Outcome]] = {}  # their results
         self.stats = self._fresh_stats()
 
     @staticmethod
@@ -100,21 +107,40 @@ class AsyncClock:
         return {"bytes_down": 0, "bytes_up": 0, "offline": 0, "lost": 0, "corrupted": 0}
 
     def take_stats(self) -> dict[str, Any]:
-        """Bytes sent and environment failures since the last call."""
+        """Since the last call: bytes sent (downloads when dispatched, uploads when they
+        arrive) and the environment's failures that arrived."""
         stats, self.stats = self.stats, self._fresh_stats()
         return stats
 
     # dispatch ----------------------------------------------------------------------------
 
+    def prefetch(self, guesses: list[tuple[int, ClientId]], ins: TrainIns) -> None:
+        """The dispatches expected next, ``(task, client)``, all from ``ins``: trained with
+        the next batch that must run, kept until their real dispatch (see the module
+        docstring)."""
+        self._guesses = {t: (cid, ins) for t, cid in guesses if t not in self._cache}
+
+    def _prefetched(self, task: int, client_id: ClientId, ins: TrainIns) -> Outcome | None:
+        """The prefetched outcome of exactly this dispatch (None: none); forgets the
+        guesses it makes stale."""
+        hit = self._cache.pop(task, None)
+        for t in [t for t, (cid, _, _) in self._cache.items() if t < task or cid == client_id]:
+            del self._cache[t]  # passed, or its client's state is about to change
+        for t in [t for t, (cid, _) in self._guesses.items() if t <= task or cid == client_id]:
+            del self._guesses[t]
+        if hit is None or hit[0] != client_id or hit[1] is not ins:
+            return None
+        return hit[2]
+
     def start(self, task: int, client_id: ClientId, ins: TrainIns) -> None:
         """Dispatch ``client_id``'s training at ``now`` (``task``: the dispatch number)."""
+        prefetched = self._prefetched(task, client_id, ins)
         env = self.environment
         ids = np.array([client_id], dtype=np.int64)
         profile = env.profiles(ids)[0]
         if not env.online(task, self.now, ids)[0]:
-            self.stats["offline"] += 1
             why = f"offline: client {client_id} is unreachable"
-            self._at(self.now, task, Outcome(client_id, "train", error=why))
+            self._at(self.now, task, Outcome(client_id, "train", error=why), stat="offline")
             return
         draws = {k: bool(v[0]) for k, v in env.transfers(task, "train", ids).items()}
         key = id(ins.arrays)
@@ -124,10 +150,9 @@ class AsyncClock:
         self.stats["bytes_down"] += down
         t_down = profile.latency_ms / 1000 + profile.download_s(down)
         if draws["lost_down"]:
-            self.stats["lost"] += 1
             end = t_down if math.isinf(self.timeout_s) else self.timeout_s
             why = "lost: the model download was lost"
-            self._at(self.now + end, task, Outcome(client_id, "train", error=why))
+            self._at(self.now + end, task, Outcome(client_id, "train", error=why), stat="lost")
         elif t_down > self.timeout_s:
             why = (
                 f"timeout: simulated duration of at least {_fmt(t_down)} s (latency and "
@@ -135,16 +160,22 @@ class AsyncClock:
             )
             self._at(self.now + self.timeout_s, task, Outcome(client_id, "train", error=why))
         elif draws["corrupt_down"]:
-            self.stats["corrupted"] += 1
             why = "corrupted: the model download failed its checksum; the client did not run"
-            self._at(self.now + t_down, task, Outcome(client_id, "train", error=why))
+            bad = Outcome(client_id, "train", error=why)
+            self._at(self.now + t_down, task, bad, stat="corrupted")
         else:
-            self._waiting[task] = _Waiting(
-                task, client_id, ins, self.now, t_down, profile, draws, down
-            )
+            waiting = _Waiting(task, client_id, ins, self.now, t_down, profile, draws, down)
+            if prefetched is None:
+                self._waiting[task] = waiting
+                return
+            if prefetched.ok and prefetched.state is not None:
+                self.executor.state_store.put(client_id, prefetched.state)
+            self._arrival(waiting, prefetched)
 
-    def _at(self, end: float, task: int, outcome: Outcome) -> None:
-        heapq.heappush(self._events, (end, task, outcome))
+    def _at(self, end: float, task: int, outcome: Outcome, up: int = 0, stat: str = "") -> None:
+        """Schedule ``outcome`` at simulated time ``end``; its upload's bytes and failure
+        count when it arrives (batches run ahead of the clock)."""
+        heapq.heappush(self._events, (end, task, outcome, up, stat))
 
     # the next event ----------------------------------------------------------------------
 
@@ -162,19 +193,31 @@ class AsyncClock:
         )
         if not self._events or self._events[0][0] >= earliest_possible:
             self._run_waiting()
-        end, task, outcome = heapq.heappop(self._events)
+        end, task, outcome, up, stat = heapq.heappop(self._events)
         self.now = max(self.now, end)
+        self.stats["bytes_up"] += up
+        if stat:
+            self.stats[stat] += 1
         return task, outcome
 
     def _run_waiting(self) -> None:
         """Train every dispatched client not trained yet, in one batch, and schedule their
         arrivals."""
         waiting, self._waiting = self._waiting, {}
+        guesses, self._guesses = self._guesses, {}
         plan = [(w.task, w.client_id, w.ins) for w in waiting.values()]
         by_client = {w.client_id: w for w in waiting.values()}
-        for outcome in self.executor.submit_tasks("train", plan, self.wall_timeout_s):
-            w = by_client[outcome.client_id]
-            self._arrival(w, outcome)
+        guessed = {cid: task for task, (cid, _) in guesses.items() if cid not in by_client}
+        plan += [(task, cid, guesses[task][1]) for cid, task in guessed.items()]
+        for outcome in self.executor.submit_tasks(
+            "train", plan, self.wall_timeout_s, hold_state=guessed
+        ):
+            cid = outcome.client_id
+            if cid in by_client:
+                self._arrival(by_client[cid], outcome)
+            else:
+                task = guessed[cid]
+                self._cache[task] = (cid, guesses[task][1], outcome)
 
     def _arrival(self, w: _Waiting, outcome: Outcome) -> None:
         """Judge one trained client: its duration, the timeout, the upload."""
@@ -188,7 +231,6 @@ class AsyncClock:
             self._at(w.start + min(w.t_down + compute, self.timeout_s), w.task, outcome)
             return
         up = payload_size(res.arrays) if isinstance(res, TrainRes) else 0
-        self.stats["bytes_up"] += up
         duration = w.t_down + compute + w.profile.upload_s(up)
         if duration > self.timeout_s:
             why = (
@@ -196,20 +238,18 @@ class AsyncClock:
                 f"{_fmt(self.timeout_s)} s"
             )
             failed = Outcome(cid, "train", error=why, seconds=outcome.seconds)
-            self._at(w.start + self.timeout_s, w.task, failed)
+            self._at(w.start + self.timeout_s, w.task, failed, up)
         elif w.errors["lost_up"]:
-            self.stats["lost"] += 1
             end = duration if math.isinf(self.timeout_s) else self.timeout_s
             lost = Outcome(cid, "train", error="lost: the upload was lost", seconds=outcome.seconds)
-            self._at(w.start + end, w.task, lost)
+            self._at(w.start + end, w.task, lost, up, "lost")
         elif w.errors["corrupt_up"]:
-            self.stats["corrupted"] += 1
             why = "corrupted: the upload failed its checksum and was rejected"
             bad = Outcome(cid, "train", error=why, seconds=outcome.seconds)
-            self._at(w.start + duration, w.task, bad)
+            self._at(w.start + duration, w.task, bad, up, "corrupted")
         else:
-            self._at(w.start + duration, w.task, outcome)
+            self._at(w.start + duration, w.task, outcome, up)
 
     def close(self) -> None:
         """Forget the tasks in flight."""
-        self._events, self._waiting = [], {}
+        self._events, self._waiting, self._guesses, self._cache = [], {}, {}, {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -98,12 +98,14 @@ class SimulationExecutor:
         kind: TaskKind,
         tasks: Sequence[tuple[int, ClientId, Instructions]],
         timeout_s: float,
+        hold_state: Collection[ClientId] = (),
     ) -> Iterator[Outcome]:
         """Tasks that are not one round's: ``(number, client, instructions)``, each seeded
         by its own ``number`` in place of a round (the asynchronous loop's dispatches).
-        Outcomes stream as they finish."""
+        Outcomes stream as they finish. The state of the clients in ``hold_state`` is not
+        saved: the caller saves ``outcome.state`` if it keeps the outcome."""
         deadline = time.monotonic() + timeout_s
-        return self._stream(0, kind, tasks, deadline)
+        return self._stream(0, kind, tasks, deadline, frozenset(hold_state))
 
     def _stream(
         self,
@@ -111,6 +113,7 @@ class SimulationExecutor:
         kind: TaskKind,
         plan: Sequence[tuple[int, ClientId, Instructions]],
         deadline: float,
+        hold_state: frozenset[ClientId] = frozenset(),
     ) -> Iterator[Outcome]:
         # clients given the same arrays object (the usual case) share one broadcast
         groups: dict[int, tuple[Arrays, list[Task]]] = {}
@@ -129,7 +132,8 @@ class SimulationExecutor:
                         kind,
                         outcome.traceback.rstrip(),
                     )
-                if outcome.ok and outcome.state is not None:
+                held = outcome.client_id in hold_state
+                if outcome.ok and outcome.state is not None and not held:
                     self.state_store.put(outcome.client_id, outcome.state)
                 yield outcome
 

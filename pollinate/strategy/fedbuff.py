@@ -274,6 +274,13 @@ class FedBuff(Strategy):
         ``self.version``), encoded by the transforms, one object per version so every client
         of a version shares one broadcast. Call ``release`` with the version when its result
         (or failure) is folded."""
+        ins = self.peek_instructions(arrays)
+        self._versions[self.version].users += 1
+        return ins
+
+    def peek_instructions(self, arrays: Arrays) -> TrainIns:
+        """``instructions`` without counting a client that starts from them (for a
+        simulation that trains expected dispatches ahead)."""
         v = self._versions.get(self.version)
         if v is None:
             sent = [np.asarray(a) for a in arrays]
@@ -283,7 +290,6 @@ class FedBuff(Strategy):
             config = base(self.version + 1) if callable(base) else dict(base or {})
             ins = TrainIns(sent, {**config, "round": self.version + 1})
             v = self._versions[self.version] = _Version(list(arrays), sent, ins)
-        v.users += 1
         return v.ins
 
     # 2. a result arrives ---------------------------------------------------------------------
