@@ -16,7 +16,10 @@ keeps ``K = strategy.concurrency`` clients training all the time (Nguyen et al. 
    step is recorded in the history and the callbacks see it (as a round: ``"round"`` is the
    step number).
 
-The run ends after ``steps`` server steps; the clients still in flight are abandoned.
+Before waiting in step 2 the loop tells an executor that can train ahead (the simulation's
+``prefetch``) which clients its seeded picks will start next from the current model, so that
+they train in the same backend batch. The run ends after ``steps`` server steps; the clients
+still in flight are abandoned.
 Too many failures in a row (``max_failures``, default ``max(100, 10 K)``) without one
 accepted result stop the run with ``RoundFailedError``: no client can deliver.
 """

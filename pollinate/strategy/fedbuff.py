@@ -272,8 +272,8 @@ class FedBuff(Strategy):
     def instructions(self, arrays: Arrays) -> TrainIns:
         """What a client starting now trains with: the current model (version
         ``self.version``), encoded by the transforms, one object per version so every client
-        of a version shares one broadcast. Call ``release`` with the version when its result
-        (or failure) is folded."""
+        of a version shares one broadcast. The version is held until that client's outcome
+        is folded (``fold``)."""
         ins = self.peek_instructions(arrays)
         self._versions[self.version].users += 1
         return ins
