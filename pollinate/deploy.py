@@ -164,6 +164,12 @@ def _serve(
     state = ServerState.open(cfg.output_dir / "server.sqlite", cfg.to_dict(), fresh=fresh)
     try:
         last, saved, records = state.load_latest()
+        if last and cfg.strategy.name == "fedbuff":
+            raise ConfigError(
+                f"{cfg.output_dir} holds a fedbuff run stopped after server step {last}, and "
+                "strategy fedbuff cannot resume: the clients in flight when it stopped cannot "
+                "be restored; start afresh with --fresh"
+            )
         built = build_run(cfg, run_tag=state.run_id)  # the server uses only the test split
         strategy, data = built.strategy, built.data
         arrays = saved if saved is not None else built.initial_arrays
@@ -171,12 +177,6 @@ def _serve(
         strategy.restore(history.rounds)  # e.g. the adaptive clip, clients' local DP releases
         if last:
             strategy.load_state(state.strategy_state(last))  # momentum, moments, variates …
-        if last and cfg.strategy.name == "fedbuff":
-            raise ConfigError(
-                f"{cfg.output_dir} holds a fedbuff run stopped after server step {last}, and "
-                "strategy fedbuff cannot resume: the clients in flight when it stopped cannot "
-                "be restored; start afresh with --fresh"
-            )
         if last >= cfg.run.rounds:
             print(  # not a log line: -q must not hide why the server exits at once
                 f"pollinate server {state.run_id[:8]}: the run already finished "

@@ -16,12 +16,14 @@ import pytest
 from pollinate.asynchronous import run_async
 from pollinate.compression import Compression
 from pollinate.config import from_dict, load
+from pollinate.deploy import Security, serve
 from pollinate.errors import ConfigError, RoundFailedError
-from pollinate.experiment import run_experiment
+from pollinate.experiment import build_run, run_experiment
 from pollinate.simulation.async_clock import AsyncClock
 from pollinate.simulation.backends.sequential import SequentialBackend
 from pollinate.simulation.engine import SimulationExecutor, simulate
 from pollinate.simulation.environment import Environment
+from pollinate.state import ServerState
 from pollinate.strategy.aggregators import Median
 from pollinate.strategy.fedbuff import FedBuff, Staleness
 from pollinate.strategy.presets import make_strategy
@@ -366,3 +368,21 @@ def test_the_readme_fedbuff_example_runs(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     clock_s, accuracy = map(float, re.findall(r"\d+\.\d+", proc.stdout.splitlines()[-1]))
     assert clock_s > 0 and accuracy > 0.6
+
+
+def test_a_server_refuses_to_resume_a_fedbuff_run(tmp_path: Path) -> None:
+    """A deployed FedBuff run stopped after a server step is refused with the way out, before
+    the server listens."""
+    cfg = from_dict(
+        {
+            "run": {"output": (tmp_path / "deployed").as_posix()},
+            "data": {"num_clients": 4},
+            "strategy": {"name": "fedbuff", "concurrency": 2, "buffer_size": 2},
+        }
+    )
+    arrays = build_run(cfg).initial_arrays
+    state = ServerState.open(cfg.output_dir / "server.sqlite", cfg.to_dict())
+    state.record_round(1, {"round": 1}, arrays, strategy_state={"version": 1})
+    state.close()
+    with pytest.raises(ConfigError, match="fedbuff cannot resume.*--fresh"):
+        serve(cfg, "127.0.0.1:0", Security(insecure=True), quiet=True)

@@ -37,6 +37,10 @@ def fleet(tmp_path: Path) -> Iterator[Cluster]:
 
 
 def test_fedbuff_server_steps_as_results_arrive(fleet: Cluster) -> None:
+    """Three clients train at once, the server steps every two results. Client 3 stalls in
+    its first task (from the first model: it is the one idle client when the first result
+    frees a slot, if not picked before) and the others carry the run without waiting for it;
+    its task is still in flight at the end and is cancelled."""
     folder = fleet.folder
     write_config(
         folder,
@@ -50,8 +54,13 @@ def test_fedbuff_server_steps_as_results_arrive(fleet: Cluster) -> None:
     )
     port = free_port()
     server = fleet.start("server", *server_args(port))
-    clients = [fleet.start(f"client{i}", *client_args(port, i), "--threads", "1") for i in range(4)]
+    clients = [fleet.start(f"client{i}", *client_args(port, i), "--threads", "1") for i in range(3)]
+    app = ["client", "--server", f"127.0.0.1:{port}", "--app", "deploy_apps:sleepy"]
+    app += ["--client-id", "3", "--certs", "certs"]
+    fleet.start("straggler", *app, env={"POLLINATE_SLEEP_ROUND": "1"})
     assert server.wait(timeout=patience(300)) == 0, fleet.log("server")
+    straggler = fleet.log("straggler")
+    assert "task 1.train.3." in straggler and "cancelled by the server" in straggler
     history = json.loads((folder / "runs/deployed/history.json").read_text())
     steps = history["rounds"]
     assert [r["round"] for r in steps] == [1, 2, 3, 4]  # one record per server step
@@ -60,6 +69,7 @@ def test_fedbuff_server_steps_as_results_arrive(fleet: Cluster) -> None:
     assert steps[0]["async"]["mean_staleness"] == 0
     assert max(r["async"]["max_staleness"] for r in steps[1:]) >= 1
     assert all(r["async"]["dispatched"] >= 2 * r["round"] + 1 for r in steps)
+    assert all("3" not in r["clients"] for r in steps)  # the straggler held no step up
     assert [("centralized" in r) for r in steps] == [False, True, False, True]
     cfg = load(folder / "run.toml")
     initial = build_run(cfg).initial_arrays
