@@ -565,10 +565,9 @@ def _check_fedbuff(cfg: RunConfig) -> None:
             "strategy.hinge_a and hinge_b shape the hinge staleness function; set "
             "strategy.staleness = 'hinge' too, or remove them"
         )
-    concurrency = s.concurrency or 10
-    if concurrency > cfg.data.num_clients:
+    if s.concurrency is not None and s.concurrency > cfg.data.num_clients:
         raise ConfigError(
-            f"strategy.concurrency = {concurrency} exceeds data.num_clients = "
+            f"strategy.concurrency = {s.concurrency} exceeds data.num_clients = "
             f"{cfg.data.num_clients}: no more clients than exist can train at once; lower it"
         )
 

@@ -261,8 +261,9 @@ def _serve(
                 raise
             state.set_status("finished")
             n = cfg.run.rounds
+            unit = "server step" if isinstance(strategy, FedBuff) else "round"
             fleet.stop(
-                finished=f"the run finished {'its 1 round' if n == 1 else f'all {n} rounds'}"
+                finished=f"the run finished {f'its 1 {unit}' if n == 1 else f'all {n} {unit}s'}"
             )
             return result
         finally:

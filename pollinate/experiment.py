@@ -101,6 +101,8 @@ def build_strategy(cfg: RunConfig, evaluate_fn: EvaluateFn | None) -> Strategy:
     params = strategy_params(s)
     if s.name == "fednova":
         params["local_momentum"] = cfg.train.momentum if cfg.train.optimizer == "sgd" else 0.0
+    if s.name == "fedbuff" and "concurrency" not in params:  # 10, or every client if fewer
+        params["concurrency"] = min(10, cfg.data.num_clients)
     if s.name == "qfedavg" and "lipschitz" not in params:
         params["lipschitz"] = 1.0 / cfg.train.lr  # L = 1/η, as in the paper
     strategy = make_strategy(

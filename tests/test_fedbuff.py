@@ -331,6 +331,14 @@ def test_config_refuses_what_fedbuff_cannot_do(extra: dict[str, Any], message: s
         from_dict(raw)
 
 
+def test_concurrency_defaults_to_10_or_every_client() -> None:
+    from pollinate.experiment import build_strategy
+
+    few = from_dict({"data": {"num_clients": 4}, "strategy": {"name": "fedbuff"}})
+    assert build_strategy(few, None).concurrency == 4  # type: ignore[attr-defined]
+    assert build_strategy(from_dict(_cfg()), None).concurrency == 10  # type: ignore[attr-defined]
+
+
 def test_fedbuff_keys_belong_to_fedbuff_only() -> None:
     with pytest.raises(ConfigError, match="concurrency does not apply to strategy 'fedavg'"):
         from_dict({"strategy": {"concurrency": 4}})
