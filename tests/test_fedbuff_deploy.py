@@ -1,18 +1,25 @@
 """FedBuff over gRPC: a real `pollinate server` applying results as they arrive from real
-`pollinate client` processes on 127.0.0.1."""
+`pollinate client` processes on 127.0.0.1 (slow), and the asynchronous task executor on an
+in-process FleetServer with client threads (fast)."""
 
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from pollinate.callbacks import load_checkpoint
+from pollinate.client import task_seed
 from pollinate.config import load
 from pollinate.experiment import build_run
+from pollinate.transport.grpc.asynchronous import AsyncGrpcTasks
+from pollinate.types import TrainIns, TrainRes
+from tests.fakes import initial
 from tests.test_deploy import (
     Cluster,
     client_args,
@@ -21,8 +28,7 @@ from tests.test_deploy import (
     server_args,
     write_config,
 )
-
-pytestmark = pytest.mark.slow
+from tests.test_grpc_transport import GateClient, clients, serve, started  # noqa: F401 (fixture)
 
 
 @pytest.fixture
@@ -36,6 +42,7 @@ def fleet(tmp_path: Path) -> Iterator[Cluster]:
         c.stop_all()
 
 
+@pytest.mark.slow
 def test_fedbuff_server_steps_as_results_arrive(fleet: Cluster) -> None:
     """Three clients train at once, the server steps every two results. Client 3 stalls in
     its first task (from the first model: it is the one idle client when the first result
@@ -79,3 +86,30 @@ def test_fedbuff_server_steps_as_results_arrive(fleet: Cluster) -> None:
     assert steps[-1]["centralized"]["accuracy"] > 0.5  # digits: 10 classes, chance is 0.1
     for i, c in enumerate(clients):  # told the run is over, clients stop by themselves
         assert c.wait(timeout=60) == 0, fleet.log(f"client{i}")
+
+
+def test_async_tasks_over_grpc_time_out_fail_fast_and_carry_their_seed(
+    started: Any,  # noqa: F811 (the fixture imported from test_grpc_transport)
+) -> None:
+    """``AsyncGrpcTasks`` on a real FleetServer with client threads: a stalled client's
+    task times out (its slot is free again), an unconnected client fails at once, and a
+    result carries the simulation's seed for its dispatch number."""
+    gate = threading.Event()
+    fleet = serve(started)
+    clients(started, fleet, [0])
+    clients(started, fleet, [1], lambda ctx: GateClient(gate))
+    tasks = AsyncGrpcTasks(fleet, seed=5, timeout_s=0.5)
+    ins = TrainIns(initial(), {"round": 1})
+    tasks.start(0, 1, ins)
+    task, outcome = tasks.next()  # nothing else in flight: the stalled task's timeout
+    assert task == 0 and outcome.client_id == 1 and (outcome.error or "").startswith("timeout")
+    tasks.start(1, 7, ins)
+    task, outcome = tasks.next()
+    assert task == 1 and outcome.error == "client 7 is not connected"
+    tasks.start(2, 0, ins)
+    task, outcome = tasks.next()
+    assert task == 2 and outcome.ok and isinstance(outcome.result, TrainRes)
+    assert outcome.result.metrics["seed"] == task_seed(5, 2, 0) % 1000
+    gate.set()
+    tasks.close()
+    assert fleet.status()["tasks_in_flight"] == 0
