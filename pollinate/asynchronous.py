@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 from pollinate.errors import ConfigError, RoundFailedError
 from pollinate.server import Callback, Clients, History, RunResult, make_record
+from pollinate.strategy.base import TrainSummary
 from pollinate.strategy.fedbuff import FedBuff
 from pollinate.types import Arrays, ClientId, Outcome, TrainIns
 
@@ -68,8 +69,8 @@ def run_async(
 ) -> RunResult:
     """Run ``steps`` FedBuff server steps from ``arrays``; return the history and the final
     model. ``clients``: the population, or a function returning the clients available now
-    (called at every dispatch). ``clock``: the simulated seconds since the start, recorded
-    with each step as ``environment.clock_s`` (None: real time only)."""
+    (called before each wait for a result). ``clock``: the simulated seconds since the
+    start, recorded with each step as ``environment.clock_s`` (None: real time only)."""
     if steps < 1:
         raise ConfigError(f"the number of server steps must be >= 1, got {steps}")
     history = history if history is not None else History()
@@ -134,20 +135,9 @@ def run_async(
                 "dispatched": dispatched,
                 "versions_held": strategy.versions_held(),
             }
-            stats = executor.take_stats()
             if clock is not None:
                 now = clock()
-                kinds = [f.kind for f in train.failures]
-                record["environment"] = {
-                    "simulated_time_s": round(now - last_clock, 6),
-                    "clock_s": round(now, 6),
-                    "bytes_down": stats.get("bytes_down", 0),
-                    "bytes_up": stats.get("bytes_up", 0),
-                    "train": {
-                        **{k: v for k, v in stats.items() if not k.startswith("bytes")},
-                        "timeouts": kinds.count("timeout"),
-                    },
-                }
+                record["environment"] = _on_the_clock(now - last_clock, now, executor, train)
                 last_clock = now
             history.rounds.append(record)
             for cb in callbacks:
@@ -209,3 +199,22 @@ def _prefetch(
         busy.add(cid)
         guesses.append((task, cid))
     prefetch(guesses, strategy.peek_instructions(arrays))
+
+
+def _on_the_clock(
+    seconds: float, now: float, executor: AsyncExecutor, train: TrainSummary
+) -> dict[str, Any]:
+    """A step's ``"environment"`` record: its simulated seconds, the clock, the bytes sent
+    and the environment's failures since the previous step (as the synchronous clock's)."""
+    stats = executor.take_stats()
+    kinds = [f.kind for f in train.failures]
+    return {
+        "simulated_time_s": round(seconds, 6),
+        "clock_s": round(now, 6),
+        "bytes_down": stats.get("bytes_down", 0),
+        "bytes_up": stats.get("bytes_up", 0),
+        "train": {
+            **{k: v for k, v in stats.items() if not k.startswith("bytes")},
+            "timeouts": kinds.count("timeout"),
+        },
+    }
