@@ -87,7 +87,7 @@ class ProgressDisplay(Callback):
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
             self._progress = Progress(
-                TextColumn("[bold]round {task.fields[round]}/{task.fields[rounds]}"),
+                TextColumn("[bold]{task.fields[unit]} {task.fields[round]}/{task.fields[rounds]}"),
                 BarColumn(bar_width=16),
                 TextColumn("{task.fields[clients]}"),
                 TimeElapsedColumn(),
@@ -101,6 +101,7 @@ class ProgressDisplay(Callback):
                 total=rounds - start_round + 1,
                 round=start_round,
                 rounds=rounds,
+                unit="round",
                 clients="",
                 eta="?",
                 last="",
@@ -125,14 +126,20 @@ class ProgressDisplay(Callback):
         rnd = record["round"]
         done = rnd - self._first + 1
         self._last = headline(record)
+        unit = "step" if "async" in record else "round"  # an asynchronous run's server step
         if self._progress is not None:
             self._progress.update(
-                self._task, advance=1, eta=self._eta(done), last=short_headline(record), clients=""
+                self._task,
+                advance=1,
+                eta=self._eta(done),
+                last=short_headline(record),
+                clients="",
+                unit=unit,
             )
         elif not self.quiet:
             elapsed = _fmt_s(time.monotonic() - self._started)
             print(
-                f"round {rnd}/{self._rounds}: {self._last} "
+                f"{unit} {rnd}/{self._rounds}: {self._last} "
                 f"[{elapsed} elapsed, ETA {self._eta(done)}]",
                 file=self.stream,
                 flush=True,

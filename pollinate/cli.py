@@ -273,7 +273,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if fed is not None:
             summary.append(f"federated accuracy {fed:.4f}")
         n = len(result.history.rounds)
-        print(f"finished {n} round{'' if n == 1 else 's'}: {', '.join(summary)}")
+        unit = "server step" if cfg.strategy.name == "fedbuff" else "round"
+        print(f"finished {n} {unit}{'' if n == 1 else 's'}: {', '.join(summary)}")
         print(f"history: {out / 'history.json'}")
         print(f"plots:   {', '.join(str(p) for p in sorted(out.glob('*.png')))}")
         print(f"report:  {out / 'report.html'}")
@@ -407,7 +408,8 @@ def _cmd_server(args: argparse.Namespace) -> int:
     result = serve(cfg, args.address, security, fresh=args.fresh, quiet=args.quiet, **transport)
     if not args.quiet:
         n = len(result.history.rounds)
-        print(f"finished {n} round{'' if n == 1 else 's'}; run folder: {cfg.output_dir}")
+        unit = "server step" if cfg.strategy.name == "fedbuff" else "round"
+        print(f"finished {n} {unit}{'' if n == 1 else 's'}; run folder: {cfg.output_dir}")
     return 0
 
 

@@ -114,6 +114,13 @@ class StrategySection:
     trim_fraction: float | None = None  # fedtrimmedavg
     num_malicious: int | None = None  # krum, multikrum, bulyan
     num_selected: int | None = None  # multikrum
+    # fedbuff (asynchronous; run.rounds counts server steps)
+    concurrency: int | None = None  # clients training at once (K)
+    buffer_size: int | None = None  # results per server step (M)
+    staleness: str | None = None  # constant | sqrt | hinge
+    hinge_a: float | None = None  # hinge staleness: 1/(a(τ − b) + 1) past b
+    hinge_b: float | None = None
+    evaluate_every: int | None = None  # centralized evaluation every N server steps
 
 
 @dataclass
@@ -340,8 +347,9 @@ def _unknown(kind: str, name: str, known: list[str]) -> ConfigError:
 
 def _coerce(section: str, key: str, value: Any, hint: Any) -> Any:
     where = f"{section}.{key}"
-    if hint in (float | None, int | None):  # optional: absent means "the default"
-        return _coerce(section, key, value, float if hint == float | None else int)
+    if hint in (float | None, int | None, str | None):  # optional: absent means "the default"
+        plain = {float | None: float, int | None: int, str | None: str}[hint]
+        return _coerce(section, key, value, plain)
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where} must be true or false, got {value!r}")
@@ -423,6 +431,7 @@ def _check(cfg: RunConfig) -> None:
     if not cfg.run.name.strip():
         raise ConfigError("run.name must not be empty")
     _check_strategy(cfg)
+    _check_fedbuff(cfg)
     _check_attack(cfg)
     _check_privacy(cfg.privacy)
     _check_secure(cfg)
@@ -506,6 +515,61 @@ def _check_strategy(cfg: RunConfig) -> None:
                 f"{', '.join(PARAM_OWNERS[key])}); {s.name!r} takes: "
                 f"{', '.join(allowed) or 'no algorithm-specific keys'}"
             )
+
+
+def _check_fedbuff(cfg: RunConfig) -> None:
+    """What asynchronous FedBuff cannot be combined with, named with both parts."""
+    if cfg.strategy.name != "fedbuff":
+        return
+    s = cfg.strategy
+    if cfg.privacy.mode != "none":
+        raise ConfigError(
+            f"strategy.name = 'fedbuff' with privacy.mode = {cfg.privacy.mode!r}: differential "
+            "privacy here clips, noises and accounts per round, and FedBuff has no rounds; "
+            "set privacy.mode = 'none' or use a synchronous strategy (fedavg)"
+        )
+    if cfg.secure_aggregation.enabled:
+        raise ConfigError(
+            "strategy.name = 'fedbuff' with secure_aggregation: SecAgg+ sums one round's "
+            "cohort, while FedBuff applies each result as it arrives; turn one of them off"
+        )
+    if cfg.attack.kind != "none":
+        raise ConfigError(
+            f"strategy.name = 'fedbuff' with attack.kind = {cfg.attack.kind!r}: simulated "
+            "attacks rewrite a round's results and FedBuff has no rounds; use a synchronous "
+            "strategy for robustness tests"
+        )
+    if s.selection != "uniform":
+        raise ConfigError(
+            f"strategy.name = 'fedbuff' with strategy.selection = {s.selection!r}: FedBuff "
+            "hands each freed slot to an idle client picked uniformly; set selection = 'uniform'"
+        )
+    for key in ("concurrency", "buffer_size", "evaluate_every"):
+        value = getattr(s, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"strategy.{key} must be >= 1, got {value}")
+    if s.staleness is not None:
+        from pollinate.strategy.fedbuff import STALENESS
+
+        if s.staleness not in STALENESS:
+            raise ConfigError(
+                f"strategy.staleness = {s.staleness!r} is not allowed; choose one of: "
+                f"{', '.join(STALENESS)}"
+            )
+    for key in ("hinge_a", "hinge_b"):
+        value = getattr(s, key)
+        if value is not None and value < 0:
+            raise ConfigError(f"strategy.{key} must be >= 0, got {value}")
+    if (s.hinge_a is not None or s.hinge_b is not None) and s.staleness != "hinge":
+        raise ConfigError(
+            "strategy.hinge_a and hinge_b shape the hinge staleness function; set "
+            "strategy.staleness = 'hinge' too, or remove them"
+        )
+    if s.concurrency is not None and s.concurrency > cfg.data.num_clients:
+        raise ConfigError(
+            f"strategy.concurrency = {s.concurrency} exceeds data.num_clients = "
+            f"{cfg.data.num_clients}: no more clients than exist can train at once; lower it"
+        )
 
 
 def _check_device(cfg: RunConfig) -> None:

@@ -151,16 +151,25 @@ def _serve(
     ready: threading.Event | None,
     transport: dict[str, Any],
 ) -> RunResult:
+    from pollinate.asynchronous import run_async
     from pollinate.experiment import build_run
     from pollinate.privacy.accounting import PrivacyBudgetExceeded
     from pollinate.state import ServerState
+    from pollinate.strategy.fedbuff import FedBuff
     from pollinate.tracking import build_trackers
+    from pollinate.transport.grpc.asynchronous import AsyncGrpcTasks
     from pollinate.transport.grpc.server import FleetServer, GrpcExecutor
 
     fleet_kw, executor_kw = _split_transport(transport)
     state = ServerState.open(cfg.output_dir / "server.sqlite", cfg.to_dict(), fresh=fresh)
     try:
         last, saved, records = state.load_latest()
+        if last and cfg.strategy.name == "fedbuff":
+            raise ConfigError(
+                f"{cfg.output_dir} holds a fedbuff run stopped after server step {last}, and "
+                "strategy fedbuff cannot resume: the clients in flight when it stopped cannot "
+                "be restored; start afresh with --fresh"
+            )
         built = build_run(cfg, run_tag=state.run_id)  # the server uses only the test split
         strategy, data = built.strategy, built.data
         arrays = saved if saved is not None else built.initial_arrays
@@ -214,18 +223,33 @@ def _serve(
             executor = GrpcExecutor(
                 fleet, seed=cfg.run.seed, deterministic=cfg.run.deterministic, **executor_kw
             )
+            connected = ConnectedClients(fleet, cfg.strategy.min_available_clients, quiet)
             try:
-                result = run(
-                    strategy,
-                    executor,
-                    ConnectedClients(fleet, cfg.strategy.min_available_clients, quiet),
-                    arrays,
-                    cfg.run.rounds,
-                    callbacks=callbacks,
-                    history=history,
-                    start_round=last + 1,
-                    secure=built.secure,
-                )
+                if isinstance(strategy, FedBuff):  # asynchronous: server steps, not rounds
+                    tasks = AsyncGrpcTasks(
+                        fleet, seed=cfg.run.seed, timeout_s=strategy.round_timeout_s, **executor_kw
+                    )
+                    result = run_async(
+                        strategy,
+                        tasks,
+                        connected,
+                        arrays,
+                        cfg.run.rounds,
+                        callbacks=callbacks,
+                        history=history,
+                    )
+                else:
+                    result = run(
+                        strategy,
+                        executor,
+                        connected,
+                        arrays,
+                        cfg.run.rounds,
+                        callbacks=callbacks,
+                        history=history,
+                        start_round=last + 1,
+                        secure=built.secure,
+                    )
             except PrivacyBudgetExceeded as exc:  # a clean stop: completed rounds are saved
                 log.warning("%s; the completed rounds are in %s", exc, cfg.output_dir)
                 state.set_status("budget exhausted")
@@ -237,8 +261,9 @@ def _serve(
                 raise
             state.set_status("finished")
             n = cfg.run.rounds
+            unit = "server step" if isinstance(strategy, FedBuff) else "round"
             fleet.stop(
-                finished=f"the run finished {'its 1 round' if n == 1 else f'all {n} rounds'}"
+                finished=f"the run finished {f'its 1 {unit}' if n == 1 else f'all {n} {unit}s'}"
             )
             return result
         finally:

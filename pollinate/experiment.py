@@ -12,6 +12,7 @@ from pollinate.callbacks import ProgressDisplay, RunFolderWriter
 from pollinate.client import ClientFn
 from pollinate.config import RunConfig
 from pollinate.data import FederatedDataset, federated_from_config
+from pollinate.errors import ConfigError
 from pollinate.server import Callback, History, RunResult
 from pollinate.simulation import simulate
 from pollinate.strategy.base import Strategy
@@ -100,6 +101,8 @@ def build_strategy(cfg: RunConfig, evaluate_fn: EvaluateFn | None) -> Strategy:
     params = strategy_params(s)
     if s.name == "fednova":
         params["local_momentum"] = cfg.train.momentum if cfg.train.optimizer == "sgd" else 0.0
+    if s.name == "fedbuff" and "concurrency" not in params:  # 10, or every client if fewer
+        params["concurrency"] = min(10, cfg.data.num_clients)
     if s.name == "qfedavg" and "lipschitz" not in params:
         params["lipschitz"] = 1.0 / cfg.train.lr  # L = 1/η, as in the paper
     strategy = make_strategy(
@@ -216,6 +219,12 @@ def _run_experiment(cfg: RunConfig, quiet: bool) -> RunResult:
     run = build_run(cfg)
     history = run.history(prior.records if prior else ())
     arrays = run.initial_arrays
+    if prior is not None and cfg.strategy.name == "fedbuff":
+        raise ConfigError(
+            f"{folder} holds a fedbuff run, and strategy fedbuff cannot resume: the "
+            "clients in flight when it stopped cannot be restored; start afresh with --fresh "
+            "(the old folder is kept beside it)"
+        )
     if prior is not None:
         arrays = prior.arrays
         run.strategy.restore(history.rounds)

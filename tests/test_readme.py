@@ -188,6 +188,7 @@ AS_WRITTEN = [
     "pollinate run examples/digits-noniid.toml --set run.rounds=5"
     " --set simulation.backend=sequential",
     "pollinate report runs/digits-noniid",
+    "pollinate run examples/fedbuff.toml",
     "pollinate analyze examples/diabetes-analytics.toml",
     "pollinate certs certs --host server.example.org --host 127.0.0.1",
     "pollinate keys certs 0 1",
@@ -215,4 +216,5 @@ def test_readme_commands_that_run_offline_run_as_written(tmp_path):
     assert (tmp_path / "runs" / "digits-noniid" / "partitions.png").is_file()
     assert (tmp_path / "runs" / "digits-noniid" / "report.html").is_file()
     assert (tmp_path / "runs" / "diabetes-analytics" / "analytics.json").is_file()
+    assert (tmp_path / "runs" / "digits-fedbuff" / "accuracy_time.png").is_file()
     assert (tmp_path / "certs" / "allow-list.txt").read_text().count("\n") == 2

@@ -28,8 +28,9 @@ PARAMS: dict[str, dict[str, Any]] = {
     "bulyan": {"num_malicious": 0},
     "qfedavg": {"lipschitz": 20.0},
 }
-#: the presets for vector models (the boosted-trees ones are tested in test_frameworks.py)
-VECTOR_PRESETS = sorted(n for n in PRESETS if not n.startswith("fedxgb_"))
+#: the presets for vector models with rounds (the boosted-trees ones are tested in
+#: test_frameworks.py, asynchronous FedBuff in test_fedbuff.py)
+VECTOR_PRESETS = sorted(n for n in PRESETS if not n.startswith("fedxgb_") and n != "fedbuff")
 MINIMUM = {"krum": 4, "multikrum": 4, "bulyan": 3}  # the robust ones need 2f + 3, 4f + 3
 COMMON = {
     "min_train_clients": 1,

@@ -5,15 +5,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pollinate.asynchronous import refuse_with_fedbuff, run_async
 from pollinate.client import ClientFn, MemoryStateStore, StateStore, task_seed
 from pollinate.errors import ConfigError
 from pollinate.server import Callback, History, RunResult, SecureAggregator, in_order, run
 from pollinate.simulation.backends.base import Backend
 from pollinate.strategy.base import Strategy
+from pollinate.strategy.fedbuff import FedBuff
 from pollinate.types import Arrays, ClientId, Instructions, Outcome, Task, TaskKind
 
 if TYPE_CHECKING:
@@ -88,19 +90,35 @@ class SimulationExecutor:
         timeout_s: float,
     ) -> Iterator[Outcome]:
         deadline = time.monotonic() + timeout_s
-        return in_order(self._stream(round_number, kind, plan, deadline), self.deterministic)
+        keyed = [(round_number, cid, ins) for cid, ins in plan]
+        return in_order(self._stream(round_number, kind, keyed, deadline), self.deterministic)
+
+    def submit_tasks(
+        self,
+        kind: TaskKind,
+        tasks: Sequence[tuple[int, ClientId, Instructions]],
+        timeout_s: float,
+        hold_state: Collection[ClientId] = (),
+    ) -> Iterator[Outcome]:
+        """Tasks that are not one round's: ``(number, client, instructions)``, each seeded
+        by its own ``number`` in place of a round (the asynchronous loop's dispatches).
+        Outcomes stream as they finish. The state of the clients in ``hold_state`` is not
+        saved: the caller saves ``outcome.state`` if it keeps the outcome."""
+        deadline = time.monotonic() + timeout_s
+        return self._stream(0, kind, tasks, deadline, frozenset(hold_state))
 
     def _stream(
         self,
         round_number: int,
         kind: TaskKind,
-        plan: Sequence[tuple[ClientId, Instructions]],
+        plan: Sequence[tuple[int, ClientId, Instructions]],
         deadline: float,
+        hold_state: frozenset[ClientId] = frozenset(),
     ) -> Iterator[Outcome]:
         # clients given the same arrays object (the usual case) share one broadcast
         groups: dict[int, tuple[Arrays, list[Task]]] = {}
-        for cid, ins in plan:
-            config = {**ins.config, "seed": task_seed(self.seed, round_number, cid)}
+        for number, cid, ins in plan:
+            config = {**ins.config, "seed": task_seed(self.seed, number, cid)}
             cost = self.cost_fn(cid, kind) if self.cost_fn else 1.0
             task = Task(cid, kind, config, cost, self.state_store.get(cid))
             groups.setdefault(id(ins.arrays), (ins.arrays, []))[1].append(task)
@@ -108,13 +126,14 @@ class SimulationExecutor:
             for outcome in self.backend.run(arrays, tasks, deadline):
                 if outcome.traceback:
                     log.warning(
-                        "round %d: client %s failed in %s:\n%s",
-                        round_number,
+                        "%s: client %s failed in %s:\n%s",
+                        f"round {round_number}" if round_number else "task",
                         outcome.client_id,
                         kind,
                         outcome.traceback.rstrip(),
                     )
-                if outcome.ok and outcome.state is not None:
+                held = outcome.client_id in hold_state
+                if outcome.ok and outcome.state is not None and not held:
                     self.state_store.put(outcome.client_id, outcome.state)
                 yield outcome
 
@@ -164,6 +183,12 @@ def simulate(
     ``callbacks`` (so trackers among them log its files): history.json and metrics.csv after
     every round, checkpoints/last.npz and best.npz, and at the end the plots and
     report.html. The folder is locked while the run writes it (``pollinate.runlock``).
+
+    A ``FedBuff`` strategy (``pollinate.strategy.fedbuff``) runs asynchronously instead
+    (``pollinate.asynchronous``): ``rounds`` counts server steps, each a history record,
+    on the virtual clock of ``environment`` (without one, ``uniform_environment``: 1 ms per
+    example and epoch, an instant network), with ``deadline_s`` as each client task's
+    simulated timeout (default: the strategy's ``round_timeout_s``).
     """
     if num_clients < 1:
         raise ConfigError(f"num_clients must be >= 1, got {num_clients}")
@@ -187,6 +212,29 @@ def simulate(
     executor: Any = SimulationExecutor(
         engine, seed=seed, cost_fn=cost_fn, state_store=state_store, deterministic=deterministic
     )
+    if isinstance(strategy, FedBuff):
+        refuse_with_fedbuff(secure=secure, attack=attack, start_round=start_round)
+        from pollinate.simulation.async_clock import AsyncClock, uniform_environment
+
+        env = environment or uniform_environment(num_clients, seed)
+        timeout = deadline_s if deadline_s is not None else strategy.round_timeout_s
+        clock = AsyncClock(executor, env, timeout)
+        clock.wall_timeout_s = max(strategy.round_timeout_s, 1.0)
+        with lock:
+            try:
+                engine.start(client_fn)
+                return run_async(
+                    strategy,
+                    clock,
+                    range(num_clients),
+                    initial_arrays,
+                    rounds,
+                    callbacks=callbacks,
+                    history=history,
+                    clock=lambda: clock.now,
+                )
+            finally:
+                engine.close()
     if attack is not None:
         from pollinate.attacks import AttackingExecutor
 

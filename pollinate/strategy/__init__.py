@@ -5,7 +5,8 @@ aggregator=..., optimizer=...)``); the named algorithms are presets of those par
 ``FedAvg``, ``FedAvgM``, ``FedProx``, ``FedAdam``, ``FedYogi``, ``FedAdagrad``,
 ``Scaffold``, ``FedNova``, ``QFedAvg``, ``FedMedian``, ``FedTrimmedAvg``, ``Krum``,
 ``MultiKrum``, ``Bulyan``. The parts live in ``pollinate.strategy.selection``,
-``.algorithms``, ``.check``, ``.aggregators`` and ``.optimizers``.
+``.algorithms``, ``.check``, ``.aggregators`` and ``.optimizers``. ``FedBuff`` is
+asynchronous (no rounds: ``pollinate.asynchronous`` drives it).
 """
 
 from pollinate.strategy.base import (
@@ -19,6 +20,7 @@ from pollinate.strategy.base import (
 )
 from pollinate.strategy.check import UpdateBounds, check_outcome, check_update
 from pollinate.strategy.fedavg import FedAvg
+from pollinate.strategy.fedbuff import FedBuff, Staleness
 from pollinate.strategy.metrics import MetricsMean
 from pollinate.strategy.presets import (
     PRESETS,
@@ -47,6 +49,7 @@ __all__ = [
     "FedAdam",
     "FedAvg",
     "FedAvgM",
+    "FedBuff",
     "FedMedian",
     "FedNova",
     "FedProx",
@@ -59,6 +62,7 @@ __all__ = [
     "Scaffold",
     "SecureSum",
     "SecureTerms",
+    "Staleness",
     "Strategy",
     "StrategyWrapper",
     "TrainSummary",

@@ -18,6 +18,7 @@ fractions, minimums, the round deadline, train/evaluate configs, ``evaluate_fn``
 | krum / multikrum | distance-based selection | Blanchard et al. 2017 |
 | bulyan | Krum selection + trimmed median | El Mhamdi et al. 2018 |
 | fedxgb_bagging / fedxgb_cyclic | boosted trees appended (framework xgboost) | Ma et al. 2023 |
+| fedbuff | asynchronous: staleness-weighted buffer of updates | Nguyen et al. 2022 |
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from pollinate.strategy.algorithms import (
 )
 from pollinate.strategy.base import Strategy
 from pollinate.strategy.fedavg import FedAvg
+from pollinate.strategy.fedbuff import FedBuff
 from pollinate.strategy.xgb import FedXgbBagging, FedXgbCyclic
 
 
@@ -165,6 +167,7 @@ PRESETS: dict[str, Callable[..., Strategy]] = {
     "bulyan": Bulyan,
     "fedxgb_bagging": FedXgbBagging,
     "fedxgb_cyclic": FedXgbCyclic,
+    "fedbuff": FedBuff,
 }
 
 #: keyword arguments every strategy takes (FedAvg's own), not specific to one algorithm
@@ -179,7 +182,7 @@ def preset_params(name: str) -> dict[str, Any]:
     return {
         p.name: p.default
         for p in inspect.signature(preset).parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in COMMON
     }
 
 
