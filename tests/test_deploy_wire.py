@@ -14,8 +14,8 @@ import pytest
 from pollinate import config
 from pollinate.callbacks import load_checkpoint
 from pollinate.experiment import run_experiment
-from tests.chaos.proxy import DOWN, UP, ChaosProxy
-from tests.test_deploy import Cluster, assert_same_model, free_port, patience
+from tests.chaos.proxy import DOWN, UP, ChaosProxy, Fault, Schedule
+from tests.test_deploy import Cluster, assert_same_model, free_port, patience, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -104,3 +104,51 @@ def test_compressed_updates_shrink_on_the_wire_and_train_as_in_simulation(tmp_pa
     assert accuracy[-1] > 0.8 and abs(accuracy[-1] - plain_accuracy[-1]) < 0.05
     deployed, _ = load_checkpoint(tmp_path / "qsgd/runs/deployed/checkpoints/last.npz")
     assert_same_model(deployed, _simulated(tmp_path / "qsgd"))
+
+
+def test_an_upload_corrupted_in_transit_is_rejected_and_never_averaged_in(tmp_path: Path) -> None:
+    """Client 3 reaches the server through a relay that inverts one byte of its first upload,
+    inside the model's bytes (200 bytes after the payload's magic), without TLS, so only the
+    transport's SHA-256 of the payload can notice. The server rejects the upload and the
+    connection; round 1 is the model of clients 0-2 alone (the simulation with client 3
+    offline), and the run goes on: client 3 starts again, unrelayed, and joins round 2."""
+    _config(
+        tmp_path,
+        clients=4,
+        rounds=2,
+        extra='[model]\nname = "logreg"\n',
+        min_train_clients=3,
+        fraction_evaluate=0.0,
+    )
+    cluster = Cluster(tmp_path)
+    flip = Fault("flip", UP, at_bytes=200, marker=b"PLN1")
+    try:
+        port = free_port()
+        server = cluster.start("server", *_server(cluster, port))
+        with ChaosProxy(port, Schedule(fixed={0: [flip]}), upstream_retry_s=30.0) as proxy:
+            for i in range(3):
+                cluster.start(f"client{i}", *_client(f"127.0.0.1:{port}", i))
+            relayed = cluster.start("client3", *_client(proxy.address, 3))
+            assert relayed.wait(timeout=patience(300)) != 0  # rejected: it stops by itself
+            assert len(proxy.flipped) == 1, proxy.report()
+        assert "SHA-256" in cluster.log("client3"), cluster.log("client3")
+        wait_until(lambda: (tmp_path / "runs/deployed/history.json").exists(), 120, "round 1")
+        again = cluster.start("client3", *_client(f"127.0.0.1:{port}", 3))
+        assert server.wait(timeout=patience(300)) == 0, cluster.log("server")
+        assert again.wait(timeout=patience(60)) == 0, cluster.log("client3")
+    finally:
+        cluster.stop_all()
+    history = json.loads((tmp_path / "runs/deployed/history.json").read_text())
+    first, second = history["rounds"]
+    assert first["train"]["clients"] == 3 and first["train"]["failures"] == 1
+    (failure,) = first["failures"]
+    assert failure["client_id"] == 3 and failure["task"] == "train"
+    assert "SHA-256" in failure["reason"] and "corrupted" in failure["reason"]
+    assert second["train"]["clients"] == 4 and second["train"]["failures"] == 0
+    round_1, _ = load_checkpoint(tmp_path / "runs/deployed/checkpoints/round-1.npz")
+    trace = tmp_path / "offline3.csv"
+    trace.write_text("client_id,online\n0,1\n1,1\n2,1\n3,0\n")
+    without_3 = _simulated(tmp_path, "run.rounds=1", f"environment.trace={trace}")
+    assert_same_model(round_1, without_3)
+    with_3 = _simulated(tmp_path, "run.rounds=1")
+    assert not all(np.array_equal(a, b) for a, b in zip(round_1, with_3))
