@@ -510,6 +510,13 @@ def _check_strategy(cfg: RunConfig) -> None:
     if s.selection == "oort":
         from pollinate.strategy.selection import make_policy
 
+        if cfg.privacy.mode == "central":
+            raise ConfigError(
+                "strategy.selection = 'oort' with privacy.mode = 'central': DP-FedAvg samples "
+                "the clients itself, at random, as its privacy accounting assumes; use "
+                "selection = 'uniform', or another privacy.mode"
+            )
+
         make_policy("oort", **oort_params(cfg))  # its own checks name each key
     if ":" in s.name:
         return  # a user's strategy: its own checks when it is built

@@ -184,6 +184,8 @@ def test_config_keys_are_checked_when_the_config_is_read() -> None:
     assert cfg.strategy.oort_alpha == 3.0
     with pytest.raises(ConfigError, match="strategy.oort_exploration must be between 0 and 1"):
         run_config.from_dict({"strategy": {"selection": "oort", "oort_exploration": 2}})
+    with pytest.raises(ConfigError, match="DP-FedAvg samples the clients itself"):
+        run_config.from_dict({"strategy": {"selection": "oort"}, "privacy": {"mode": "central"}})
     with pytest.raises(ConfigError, match="oort min_exploration .* must not exceed"):
         run_config.from_dict(
             {
