@@ -287,6 +287,7 @@ tiers = [{fast}, {medium}, {slow}]
     return toml
 
 
+@pytest.mark.slow  # 15-25 s each on a loaded 2-core machine (torch, worker processes)
 @pytest.mark.parametrize("backend", ["sequential", "process"])
 def test_oort_from_a_toml_runs_on_the_virtual_clock(tmp_path: Path, backend: str) -> None:
     from pollinate.experiment import run_experiment
