@@ -93,9 +93,16 @@ class StrategySection:
     fraction_evaluate: float = 1.0
     min_evaluate_clients: int = 2
     round_timeout_s: float = 600.0
-    selection: str = "uniform"  # uniform | poisson | power_of_choice | cooldown
+    selection: str = "uniform"  # uniform | poisson | power_of_choice | cooldown | oort
     candidates: int = 0  # power_of_choice: d clients polled (0: twice the round's size)
     cooldown_rounds: int = 3  # cooldown: rounds a failed client sits out
+    # oort (pollinate.strategy.oort): utility × (T / t)^alpha for clients slower than T
+    oort_alpha: float = 2.0  # the system penalty's exponent (0: durations ignored)
+    oort_preferred_duration_s: float = 0.0  # T; 0: the round deadline
+    oort_exploration: float = 0.9  # ε: the fraction of picks among never-tried clients
+    oort_exploration_decay: float = 0.98  # ε shrinks by this factor each round …
+    oort_min_exploration: float = 0.3  # … down to this
+    oort_cutoff: float = 0.95  # exploit among utilities >= cutoff × the k-th highest
     # update bounds, on by default (see pollinate.strategy.check.UpdateBounds)
     max_norm: float = 0.0  # > 0: an absolute cap on each update's L2 norm
     norm_factor: float = 100.0  # cap: this × the round's median update norm (0: off)
@@ -252,7 +259,7 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
         "natural",
     ),
     ("train", "optimizer"): ("sgd", "adam"),
-    ("strategy", "selection"): ("uniform", "poisson", "power_of_choice", "cooldown"),
+    ("strategy", "selection"): ("uniform", "poisson", "power_of_choice", "cooldown", "oort"),
     ("strategy", "on_excess"): ("reject", "clip"),
     ("simulation", "backend"): ("sequential", "process", "ray"),
     ("privacy", "mode"): ("none", "central", "local"),
@@ -307,6 +314,8 @@ NON_NEGATIVE = {
     ("strategy", "min_evaluate_clients"),
     ("strategy", "candidates"),
     ("strategy", "cooldown_rounds"),
+    ("strategy", "oort_alpha"),
+    ("strategy", "oort_preferred_duration_s"),
     ("strategy", "max_norm"),
     ("strategy", "norm_factor"),
     ("strategy", "max_examples"),
@@ -323,6 +332,8 @@ FRACTIONS = {
     ("data", "client_test_fraction"),
     ("strategy", "fraction_train"),
     ("strategy", "fraction_evaluate"),
+    ("strategy", "oort_exploration"),
+    ("strategy", "oort_min_exploration"),
     ("privacy", "target_quantile"),
     ("compression", "topk_fraction"),
     ("data", "test_fraction"),
@@ -485,10 +496,37 @@ def strategy_params(s: StrategySection) -> dict[str, Any]:
     return {k: getattr(s, k) for k in PARAM_OWNERS if getattr(s, k, None) is not None}
 
 
+def oort_params(cfg: RunConfig) -> dict[str, Any]:
+    """[strategy]'s oort_* keys as ``Oort`` parameters; the preferred duration defaults to
+    the round deadline (``environment.deadline_s``, else ``strategy.round_timeout_s``)."""
+    s = cfg.strategy
+    return {
+        "alpha": s.oort_alpha,
+        "preferred_duration_s": s.oort_preferred_duration_s
+        or cfg.environment.deadline_s
+        or s.round_timeout_s,
+        "exploration": s.oort_exploration,
+        "exploration_decay": s.oort_exploration_decay,
+        "min_exploration": s.oort_min_exploration,
+        "cutoff": s.oort_cutoff,
+    }
+
+
 def _check_strategy(cfg: RunConfig) -> None:
     from pollinate.strategy.presets import PRESETS, preset_params
 
     s = cfg.strategy
+    if s.selection == "oort":
+        from pollinate.strategy.selection import make_policy
+
+        if cfg.privacy.mode == "central":
+            raise ConfigError(
+                "strategy.selection = 'oort' with privacy.mode = 'central': DP-FedAvg samples "
+                "the clients itself, at random, as its privacy accounting assumes; use "
+                "selection = 'uniform', or another privacy.mode"
+            )
+
+        make_policy("oort", **oort_params(cfg))  # its own checks name each key
     if ":" in s.name:
         return  # a user's strategy: its own checks when it is built
     if s.name not in PRESETS:

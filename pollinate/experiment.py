@@ -76,6 +76,10 @@ def strategy_parts(cfg: RunConfig) -> dict[str, Any]:
         params["candidates"] = s.candidates
     elif s.selection == "cooldown":
         params["rounds"] = s.cooldown_rounds
+    elif s.selection == "oort":
+        from pollinate.config import oort_params
+
+        params = oort_params(cfg)
     bounds = UpdateBounds(
         max_norm=s.max_norm or None,
         norm_factor=s.norm_factor,

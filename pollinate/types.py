@@ -104,10 +104,21 @@ class Outcome:
     seconds: float = 0.0
     state: dict[str, Any] | None = None  # the client's state after the task, to save
     traceback: str | None = None  # the full traceback of a client that raised
+    # simulated seconds until the answer arrived (or would have), where a virtual clock
+    # judged the task; None elsewhere (then ``seconds`` is the measured wall time)
+    duration_s: float | None = None
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def elapsed_s(self) -> float | None:
+        """How long the task took as the round saw it: the simulated duration on a virtual
+        clock, else the measured seconds; None when unknown (e.g. an offline client)."""
+        if self.duration_s is not None:
+            return self.duration_s
+        return self.seconds if self.seconds > 0 else None
 
 
 def check_scalars(values: Mapping[str, object], what: str) -> None:

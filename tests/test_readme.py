@@ -3,6 +3,7 @@ name files that exist, and (those that run offline in seconds) run."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -189,6 +190,7 @@ AS_WRITTEN = [
     " --set simulation.backend=sequential",
     "pollinate report runs/digits-noniid",
     "pollinate run examples/fedbuff.toml",
+    "pollinate run examples/digits-conditions.toml --set run.rounds=3",
     "pollinate analyze examples/diabetes-analytics.toml",
     "pollinate certs certs --host server.example.org --host 127.0.0.1",
     "pollinate keys certs 0 1",
@@ -215,6 +217,8 @@ def test_readme_commands_that_run_offline_run_as_written(tmp_path):
         assert "Traceback" not in proc.stderr, command
     assert (tmp_path / "runs" / "digits-noniid" / "partitions.png").is_file()
     assert (tmp_path / "runs" / "digits-noniid" / "report.html").is_file()
+    conditions = json.loads((tmp_path / "runs/digits-conditions/history.json").read_text())
+    assert all("environment" in r for r in conditions["rounds"])
     assert (tmp_path / "runs" / "diabetes-analytics" / "analytics.json").is_file()
     assert (tmp_path / "runs" / "digits-fedbuff" / "accuracy_time.png").is_file()
     assert (tmp_path / "certs" / "allow-list.txt").read_text().count("\n") == 2

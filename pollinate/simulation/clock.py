@@ -20,6 +20,10 @@ For each client a round plans, in order:
    deadline Y s"``); otherwise the upload may be **lost** or **corrupted** (rejected on
    arrival, never averaged in). A failure never carries a result.
 
+Every outcome carries its simulated duration as ``Outcome.duration_s`` (None for offline
+clients and lost downloads, whose duration nobody saw; a lower bound for a client whose
+download alone missed the deadline): what a deadline-aware selection policy learns from.
+
 A round's phase (training, then evaluation) lasts until the last result that arrived by the
 deadline, or the whole deadline when the server was left waiting for one that never came (a
 timeout or a lost transfer; with an infinite deadline, a lost transfer is noticed when it would
@@ -36,7 +40,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -210,11 +214,11 @@ class VirtualClockExecutor:
                     f"timeout: simulated duration of at least {_fmt(t_down)} s (latency and "
                     f"download alone) > deadline {_fmt(deadline)} s"
                 )
-                refused.append(Outcome(cid, kind, error=why))
+                refused.append(Outcome(cid, kind, error=why, duration_s=t_down))
             elif errors["corrupt_down"][i]:
                 phase.timings[cid] = TaskTiming("corrupted", t_down, True, down, tier=p.tier)
                 why = "corrupted: the model download failed its checksum; the client did not run"
-                refused.append(Outcome(cid, kind, error=why))
+                refused.append(Outcome(cid, kind, error=why, duration_s=t_down))
             else:
                 phase.timings[cid] = TaskTiming("ok", None, False, down, tier=p.tier)
                 before[cid] = t_down
@@ -251,7 +255,7 @@ class VirtualClockExecutor:
             timing.duration_s = t_down + compute
             timing.made_deadline = timing.status == "error" and timing.duration_s <= deadline
             phase.waited |= not timing.made_deadline
-            return outcome
+            return replace(outcome, duration_s=timing.duration_s)
         arrays: Arrays = res.arrays if isinstance(res, (TrainRes, QueryRes)) else []
         timing.bytes_up = payload_size(arrays) if arrays else 0
         duration = t_down + compute + p.upload_s(timing.bytes_up)
@@ -260,18 +264,19 @@ class VirtualClockExecutor:
             timing.status = "timeout"
             phase.waited = True
             why = f"timeout: simulated duration {_fmt(duration)} s > deadline {_fmt(deadline)} s"
-            return Outcome(cid, kind, error=why, seconds=outcome.seconds)
+            return Outcome(cid, kind, error=why, seconds=outcome.seconds, duration_s=duration)
         if errors["lost_up"][i]:
             timing.status = "lost"
             phase.waited = True
             phase.lost_ends.append(duration)
-            return Outcome(cid, kind, error="lost: the upload was lost", seconds=outcome.seconds)
+            why = "lost: the upload was lost"
+            return Outcome(cid, kind, error=why, seconds=outcome.seconds, duration_s=duration)
         timing.made_deadline = True
         if errors["corrupt_up"][i]:
             timing.status = "corrupted"
             why = "corrupted: the upload failed its checksum and was rejected"
-            return Outcome(cid, kind, error=why, seconds=outcome.seconds)
-        return outcome
+            return Outcome(cid, kind, error=why, seconds=outcome.seconds, duration_s=duration)
+        return replace(outcome, duration_s=duration)
 
     def profiles(self, client_ids: np.ndarray) -> list[ClientProfile]:
         """The profiles of ``client_ids`` (one object per sampled client, never per client

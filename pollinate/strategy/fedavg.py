@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -226,7 +226,10 @@ class FedAvg(Strategy):
         self.bounds.start_round()
         accepted: Accepted = []
         failures: list[Failure] = []
+        durations: dict[ClientId, float] = {}  # for the selection policy
         for outcome in outcomes:
+            if outcome.elapsed_s is not None:
+                durations[outcome.client_id] = outcome.elapsed_s
             outcome, failure = self.checked(outcome, expected)  # 3. decode, then check
             res = outcome.result
             if failure is None:
@@ -273,7 +276,7 @@ class FedAvg(Strategy):
         except ConfigError as exc:  # e.g. Krum with fewer updates than it needs
             raise RoundFailedError(f"round {round_number}: {exc}") from exc
         delta = self.algorithm.finish(aggregate, arrays)
-        return self.conclude(round_number, arrays, delta, accepted, failures)
+        return self.conclude(round_number, arrays, delta, accepted, failures, durations)
 
     def checked(self, outcome: Outcome, expected: Arrays | None) -> tuple[Outcome, Failure | None]:
         """The outcome with its arrays decoded by the transforms' server halves, and the
@@ -308,9 +311,11 @@ class FedAvg(Strategy):
         delta: Arrays,
         accepted: Accepted,
         failures: list[Failure],
+        durations: Mapping[ClientId, float] | None = None,
     ) -> TrainSummary:
         """5. The server optimizer's step with the round's update ``delta``, and the round's
-        bookkeeping (metrics, per-client entries; the selection policy's memory)."""
+        bookkeeping (metrics, per-client entries; the selection policy's memory, told each
+        client's task ``durations`` where known)."""
         new = self.optimizer.step(arrays, delta)
         metrics = MetricsMean()
         per_client: dict[ClientId, tuple[int, Metrics]] = {}
@@ -321,6 +326,8 @@ class FedAvg(Strategy):
             round_number,
             {cid: m for cid, (_, m) in per_client.items()},
             {f.client_id: f.kind for f in failures},
+            examples={cid: n for cid, (n, _) in per_client.items()},
+            durations=durations or {},
         )
         return TrainSummary(new, metrics.result(), len(accepted), failures, per_client)
 
@@ -348,13 +355,17 @@ class FedAvg(Strategy):
     def aggregate_sum(self, round_number: int, arrays: Arrays, summed: SecureSum) -> TrainSummary:
         self.require_sum_based("secure aggregation")
         accepted: Accepted = []
+        durations: dict[ClientId, float] = {}
         for o in summed.survivors:
+            if o.elapsed_s is not None:
+                durations[o.client_id] = o.elapsed_s
             res = o.result
             if isinstance(res, TrainRes):
                 accepted.append((o.client_id, int(res.num_examples), res.metrics))
         self._enough(round_number, len(accepted), summed.weight, summed.failures)
         delta = unflatten(summed.total / summed.weight, arrays)
-        return self.conclude(round_number, arrays, delta, accepted, list(summed.failures))
+        failures = list(summed.failures)
+        return self.conclude(round_number, arrays, delta, accepted, failures, durations)
 
     # evaluation ----------------------------------------------------------------------------
 

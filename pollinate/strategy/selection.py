@@ -64,10 +64,15 @@ class SelectionPolicy(ABC):
         round_number: int,
         results: Mapping[ClientId, Metrics],
         failed: Mapping[ClientId, str],
+        *,
+        examples: Mapping[ClientId, int] | None = None,
+        durations: Mapping[ClientId, float] | None = None,
     ) -> None:
         """Learn from a finished round: ``results`` holds the train metrics of the clients
         that succeeded, ``failed`` the failure kind ("error" | "timeout" | "rejected") of
-        those that did not. Stateless policies ignore it."""
+        those that did not, ``examples`` the example count of each success, ``durations``
+        how long each task took where known (simulated seconds on a virtual clock, else
+        measured ones; a failed client may have one too). Stateless policies ignore it."""
 
     def state(self) -> dict[str, Any]:
         """What the policy learnt, JSON-safe (str keys, ints, floats, lists, dicts)."""
@@ -204,6 +209,9 @@ class PowerOfChoice(FixedSizePolicy):
         round_number: int,
         results: Mapping[ClientId, Metrics],
         failed: Mapping[ClientId, str],
+        *,
+        examples: Mapping[ClientId, int] | None = None,
+        durations: Mapping[ClientId, float] | None = None,
     ) -> None:
         for cid, metrics in results.items():
             value = metrics.get(self.metric)
@@ -297,6 +305,9 @@ class CoolDown(SelectionPolicy):
         round_number: int,
         results: Mapping[ClientId, Metrics],
         failed: Mapping[ClientId, str],
+        *,
+        examples: Mapping[ClientId, int] | None = None,
+        durations: Mapping[ClientId, float] | None = None,
     ) -> None:
         for cid in results:
             self._failed.pop(cid, None)
@@ -305,7 +316,7 @@ class CoolDown(SelectionPolicy):
                 self._failed[cid] = round_number
         # forget failures that can no longer cool a client in the rounds to come
         self._failed = self.cooling(round_number + 1)
-        self.policy.observe(round_number, results, failed)
+        self.policy.observe(round_number, results, failed, examples=examples, durations=durations)
 
     def state(self) -> dict[str, Any]:
         return {
@@ -335,15 +346,22 @@ POLICIES: dict[str, type[SelectionPolicy]] = {
 }
 
 
+def policies() -> dict[str, type[SelectionPolicy]]:
+    """Every selection policy by name (``POLICIES`` and those in their own modules)."""
+    from pollinate.strategy.oort import Oort  # its own module; it builds on this one
+
+    return {**POLICIES, Oort.name: Oort}
+
+
 def make_policy(name: str, **params: Any) -> SelectionPolicy:
     """The selection policy called ``name`` ("uniform", "poisson", "power_of_choice",
-    "cooldown") built with ``params``. CoolDown's ``policy`` may be a policy, a name, or a
-    dict as ``describe()`` returns. ConfigError names the choices when either is wrong."""
-    cls = POLICIES.get(name)
+    "cooldown", "oort") built with ``params``. CoolDown's ``policy`` may be a policy, a
+    name, or a dict as ``describe()`` returns. ConfigError names the choices when either is
+    wrong."""
+    known = policies()
+    cls = known.get(name)
     if cls is None:
-        raise ConfigError(
-            f"unknown selection policy {name!r}; choose one of: {', '.join(POLICIES)}"
-        )
+        raise ConfigError(f"unknown selection policy {name!r}; choose one of: {', '.join(known)}")
     allowed = [
         p.name
         for p in inspect.signature(cls).parameters.values()

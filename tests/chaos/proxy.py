@@ -13,15 +13,19 @@ accepts to ``127.0.0.1:<target_port>`` (the gRPC server), two directions per con
   other direction carries on. The connection is reset after ``hold_s`` (or as soon as the
   other direction ends), so a peer that never notices does not hang for ever;
 - ``truncate``: of the read that crosses ``at_bytes``, only the bytes before ``at_bytes`` are
-  forwarded (part of a frame, of a TLS record), then both sockets are closed with a FIN.
+  forwarded (part of a frame, of a TLS record), then both sockets are closed with a FIN;
+- ``flip``: the connection carries on, but one byte is inverted (XOR 0xFF) ``at_bytes`` bytes
+  after each of the first ``count`` occurrences of ``marker`` in that direction (e.g. the
+  magic bytes of a serialized payload: a transmission error that TCP's checksum missed, which
+  only an end-to-end check can catch; meaningful without TLS, whose records would fail).
 
-``latency`` and ``bandwidth`` shape a connection for its whole life; the last three break it
-(at most one per connection). The plan of the n-th connection depends only on the seed and n,
-not on the timing of the others. The proxy is bounded: at most ``Schedule.max_breaks``
-connections are broken, none after ``Schedule.window_s`` seconds, none after :meth:`calm`,
-and the whole proxy stops by itself after ``lifetime_s`` (every connection reset). Tests stop
-it with :meth:`stop` (or as a context manager). :attr:`events` says what it did, for failure
-messages.
+``latency``, ``bandwidth`` and ``flip`` shape a connection for its whole life; the three
+others break it (at most one per connection). The plan of the n-th connection depends only on
+the seed and n, not on the timing of the others. The proxy is bounded: at most
+``Schedule.max_breaks`` connections are broken, none after ``Schedule.window_s`` seconds, none
+after :meth:`calm`, and the whole proxy stops by itself after ``lifetime_s`` (every connection
+reset). Tests stop it with :meth:`stop` (or as a context manager). :attr:`events` says what it
+did, for failure messages; :attr:`moved` counts the bytes it delivered each way.
 
 While the server is down (killed, restarting), the proxy keeps accepting and holds each new
 connection for up to ``upstream_retry_s``, trying the server again every 50 ms, as a
@@ -44,7 +48,7 @@ from typing import Any
 
 UP, DOWN = "up", "down"
 BREAKS = ("reset", "half_open", "truncate")
-KINDS = ("latency", "bandwidth", *BREAKS)
+KINDS = ("latency", "bandwidth", "flip", *BREAKS)
 READ_BYTES = 64 << 10
 
 
@@ -58,6 +62,8 @@ class Fault:
     delay_s: float = 0.0  # latency
     bytes_per_s: float = 0.0  # bandwidth
     hold_s: float = 10.0  # half_open: reset the connection after this long
+    marker: bytes = b""  # flip: the bytes after which one is inverted
+    count: int = 1  # flip: how many occurrences of marker get a flipped byte
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -66,6 +72,8 @@ class Fault:
             raise ValueError(f"direction must be {UP!r} or {DOWN!r}, got {self.direction!r}")
         if self.kind == "bandwidth" and not self.bytes_per_s > 0:
             raise ValueError("a bandwidth fault needs bytes_per_s > 0")
+        if self.kind == "flip" and not (self.marker and self.count >= 1):
+            raise ValueError("a flip fault needs a marker and count >= 1")
         if self.at_bytes < 0 or self.delay_s < 0 or self.hold_s < 0:
             raise ValueError(f"negative setting in {self}")
 
@@ -78,6 +86,8 @@ class Fault:
             return f"latency {self.delay_s * 1000:.0f} ms {self.direction}"
         if self.kind == "bandwidth":
             return f"bandwidth {self.bytes_per_s / 1000:.0f} kB/s {self.direction}"
+        if self.kind == "flip":
+            return f"flip {self.direction} at {self.at_bytes} bytes after {self.marker!r}"
         return f"{self.kind} {self.direction} at byte {self.at_bytes}"
 
 
@@ -153,6 +163,41 @@ class _Link:
         self.closed.set()
 
 
+class _Flipper:
+    """Finds ``fault.marker`` in one direction's bytes and inverts the byte ``at_bytes`` after
+    each of its first ``count`` occurrences, across read boundaries."""
+
+    def __init__(self, fault: Fault) -> None:
+        self.fault = fault
+        self.tail = b""  # the last len(marker) - 1 bytes seen: a marker may span two reads
+        self.found = 0
+        self.targets: list[int] = []  # stream positions still to flip
+        self.done: list[int] = []
+        self.logged: list[int] = []
+
+    def apply(self, data: bytes, start: int) -> bytes:
+        """``data`` (stream bytes from position ``start``) with the due bytes flipped."""
+        marker, f = self.fault.marker, self.fault
+        window = self.tail + data
+        base = start - len(self.tail)
+        i = window.find(marker)
+        while i >= 0 and self.found < f.count:
+            self.found += 1
+            self.targets.append(base + i + f.at_bytes)
+            i = window.find(marker, i + 1)
+        self.tail = window[-(len(marker) - 1) :] if len(marker) > 1 else b""
+        end = start + len(data)
+        due = [t for t in self.targets if start <= t < end]
+        if not due:
+            return data
+        out = bytearray(data)
+        for t in due:
+            out[t - start] ^= 0xFF
+            self.targets.remove(t)
+            self.done.append(t)
+        return bytes(out)
+
+
 class ChaosProxy:
     """Relays ``127.0.0.1:port`` to ``127.0.0.1:target_port``, injecting ``schedule``'s faults.
 
@@ -176,6 +221,8 @@ class ChaosProxy:
         self.armed = 0  # connections given a breaking fault (bounded by max_breaks)
         self.fired: list[tuple[int, Fault]] = []  # (connection, fault) for each break done
         self.events: list[str] = []
+        self.moved = {UP: 0, DOWN: 0}  # bytes delivered each way, over all connections
+        self.flipped: list[tuple[int, str, int]] = []  # (connection, direction, byte) flipped
         self._calm = False
         self._started = time.monotonic()
         self._links: set[_Link] = set()
@@ -316,6 +363,8 @@ class ChaosProxy:
             f.bytes_per_s for f in faults if f.kind == "bandwidth" and f.direction == direction
         ]
         brk = next((f for f in faults if f.breaks and f.direction == direction), None)
+        flip = next((f for f in faults if f.kind == "flip" and f.direction == direction), None)
+        flipper = _Flipper(flip) if flip is not None else None
         queue: asyncio.Queue[tuple[float, Any]] = asyncio.Queue()
         deliver = asyncio.ensure_future(
             self._deliver(link, direction, queue, min(rates, default=0))
@@ -346,6 +395,12 @@ class ChaosProxy:
                             self._log(link.n, f"half-open {direction} held {brk.hold_s:g} s: reset")
                             link.abort(rst=True)
                     break
+                if flipper is not None:
+                    data = flipper.apply(data, read)
+                    for at in flipper.done[len(flipper.logged) :]:
+                        flipper.logged.append(at)
+                        self.flipped.append((link.n, direction, at))
+                        self._log(link.n, f"flipped {direction} byte {at}")
                 read += len(data)
                 queue.put_nowait((due, data))
             await deliver
@@ -388,5 +443,6 @@ class ChaosProxy:
                     link.abort(rst=True)
                     return
                 link.moved[direction] += len(piece)
+                self.moved[direction] += len(piece)
                 if rate:
                     await asyncio.sleep(len(piece) / rate)

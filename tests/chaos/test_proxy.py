@@ -300,3 +300,45 @@ def test_a_connection_waits_for_a_server_that_is_coming_back() -> None:
             assert recv_exactly(sock, 5) == b"early"
         finally:
             target.close()
+
+
+def test_flip_inverts_one_byte_after_each_of_the_first_markers() -> None:
+    """The marker is split across two sends, so the proxy must find it across reads; only
+    the first ``count`` markers get a flip, the other direction and the rest are untouched,
+    and ``moved`` counts every byte delivered."""
+    received: list[bytes] = []
+
+    def sink(conn: socket.socket) -> None:
+        received.append(recv_all(conn))
+        conn.sendall(b"ok")
+        conn.shutdown(socket.SHUT_WR)
+
+    target = Target(sink)
+    marker = b"PLN1"
+    first, second = b"x" * 1000 + b"PL", b"N1" + bytes(range(200)) + marker + b"y" * 500
+    third = marker + b"z" * 100  # a third marker: beyond count
+    fault = Fault("flip", UP, at_bytes=10, marker=marker, count=2)
+    try:
+        with ChaosProxy(target.port, Schedule(fixed={0: [fault]})) as proxy, dial(proxy) as sock:
+            for part in (first, second, third):
+                sock.sendall(part)
+                time.sleep(0.05)  # separate reads (not a timing assertion: any split works)
+            sock.shutdown(socket.SHUT_WR)
+            assert recv_all(sock) == b"ok"
+            sent = first + second + third
+            deadline = time.monotonic() + WAIT
+            while not received and time.monotonic() < deadline:
+                time.sleep(0.01)
+            at1 = sent.index(marker) + 10
+            at2 = sent.index(marker, at1) + 10
+            want = bytearray(sent)
+            want[at1] ^= 0xFF
+            want[at2] ^= 0xFF
+            assert received == [bytes(want)]
+            assert [(n, d, at) for n, d, at in proxy.flipped] == [(0, UP, at1), (0, UP, at2)]
+            assert proxy.moved == {UP: len(sent), DOWN: 2}
+            assert "flip up at 10 bytes after b'PLN1'" in proxy.report()
+    finally:
+        target.close()
+    with pytest.raises(ValueError, match="needs a marker"):
+        Fault("flip", UP)
