@@ -208,7 +208,7 @@ def run_experiment(cfg: RunConfig, quiet: bool = False, fresh: bool = False) -> 
 
 def _run_experiment(cfg: RunConfig, quiet: bool) -> RunResult:
     from pollinate.privacy.accounting import PrivacyBudgetExceeded
-    from pollinate.resume import CLIENT_STATE, FileStateStore, resume_point
+    from pollinate.resume import CLIENT_STATE, RoundStateStore, resume_point
     from pollinate.simulation.environment import Environment
 
     folder = cfg.output_dir
@@ -227,7 +227,7 @@ def _run_experiment(cfg: RunConfig, quiet: bool) -> RunResult:
             )
             return RunResult(history, arrays)
         log.warning("%s: resuming after round %d of %d", folder, prior.last, cfg.run.rounds)
-    store = FileStateStore(folder / CLIENT_STATE, upto=prior.last if prior else 0)
+    store = RoundStateStore(folder / CLIENT_STATE, upto=prior.last if prior else 0)
     last = _LastModel(arrays)
     callbacks = [
         store,  # before the checkpoint: see pollinate.resume

@@ -155,6 +155,23 @@ def test_a_damaged_file_gives_an_error_naming_it_and_the_fix(tmp_path, damage, w
     assert str(path) in message and f"delete {tmp_path / 'client-5'}.*" in message
 
 
+def test_saves_tagged_with_a_round_keep_the_newest_earlier_version(tmp_path):
+    """What a resumable run needs: reading ``upto`` the checkpoint's round finds that state."""
+    store = FileStateStore(tmp_path)
+    store.put(7, {"c": np.arange(2), "pair": (1, b"k")}, 1)
+    store.put(7, {"c": np.arange(3)}, 2)
+    store.put(7, {"c": np.arange(4)}, 2)  # round 2 again (resumed after round 1): replaces it
+    store.put(7, {"c": np.arange(5)}, 4)
+    sizes = [len(FileStateStore(tmp_path, upto=u).get(7).get("c", [])) for u in range(6)]
+    assert sizes == [0, 0, 4, 4, 5, 5]  # round 1's version went when round 4's came
+    store.put(7, {}, 5)  # dropped in round 5: round 4's version stays for a resume from there
+    assert FileStateStore(tmp_path).get(7) == {}
+    assert len(FileStateStore(tmp_path, upto=4).get(7)["c"]) == 5
+    assert len(files(tmp_path)) == 2  # the JSON and one npz for both versions
+    store.put(7, {})  # an untagged empty save removes everything
+    assert files(tmp_path) == []
+
+
 def test_values_it_cannot_keep_are_refused_by_name(tmp_path):
     store = FileStateStore(tmp_path)
     with pytest.raises(ClientStateError, match=r"state\['model'\]\[1\] is a set"):

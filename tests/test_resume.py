@@ -15,9 +15,10 @@ import pytest
 
 from pollinate import config
 from pollinate.callbacks import load_checkpoint
+from pollinate.client_state import FileStateStore
 from pollinate.errors import ConfigError
 from pollinate.experiment import run_experiment
-from pollinate.resume import FileStateStore
+from pollinate.resume import RoundStateStore
 
 SMALL = [
     "simulation.backend=sequential",
@@ -72,17 +73,22 @@ def test_a_finished_run_is_not_run_again(tmp_path: Path) -> None:
 
 
 def test_client_state_commits_at_round_end_and_keeps_the_previous_version(tmp_path: Path) -> None:
-    store = FileStateStore(tmp_path)
+    store = RoundStateStore(tmp_path)
     store.put(3, {"c": [np.arange(3.0)], "n": 1})
-    assert not (tmp_path / "3.npz").exists()  # not before the round ends
+    assert store.get(3)["n"] == 1  # the client's next task in this round sees it …
+    assert list(tmp_path.iterdir()) == []  # … but nothing is saved before the round ends
     store.on_round_end({"round": 1}, [])
     store.put(3, {"c": [np.arange(3.0) + 1], "n": 2})
     store.on_round_end({"round": 2}, [])
     assert FileStateStore(tmp_path).get(3)["n"] == 2
-    older = FileStateStore(tmp_path, upto=1).get(3)  # a checkpoint of round 1
+    older = RoundStateStore(tmp_path, upto=1).get(3)  # a checkpoint of round 1
     assert older["n"] == 1
     np.testing.assert_array_equal(older["c"][0], np.arange(3.0))
-    assert FileStateStore(tmp_path, upto=0).get(3) == {}
+    assert RoundStateStore(tmp_path, upto=0).get(3) == {}
+    store.put(3, {})  # a client that drops its state in round 3 …
+    store.on_round_end({"round": 3}, [])
+    assert RoundStateStore(tmp_path).get(3) == {}
+    assert RoundStateStore(tmp_path, upto=2).get(3)["n"] == 2  # … still resumes from round 2
 
 
 @pytest.mark.slow
