@@ -7,7 +7,6 @@ import math
 import os
 import stat
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +16,7 @@ import pytest
 from pollinate.client import ClientContext
 from pollinate.client_state import ClientStateError, FileStateStore
 from pollinate.types import Arrays, Config, EvaluateRes, TrainIns, TrainRes
-
-WAIT = 60.0  # bound for things that take milliseconds: never a timing assertion
+from tests.waiting import WAIT, patience, wait_until
 
 
 def rich_state() -> dict[str, Any]:
@@ -233,7 +231,7 @@ def rounds_through(run_id: str, state_dir: Path, values: list[float]) -> list[Tr
     """Start a server and the client, run one train task per value, stop both."""
     from pollinate.transport.grpc.server import FleetServer, GrpcExecutor
 
-    fleet = FleetServer("127.0.0.1:0", heartbeat_s=0.5, run_id=run_id).start()
+    fleet = FleetServer("127.0.0.1:0", heartbeat_s=patience(0.5), run_id=run_id).start()
     client = ClientThread(fleet.address, state_dir)
     try:
         assert fleet.wait_for(1, timeout=WAIT), client.error
@@ -253,13 +251,15 @@ def rounds_through(run_id: str, state_dir: Path, values: list[float]) -> list[Tr
 
 def saved_rounds(folder: Path, rounds: int) -> dict[str, Any]:
     """The client saves right after sending its result: wait for that save to land."""
-    deadline = time.monotonic() + WAIT
-    while True:
-        state = FileStateStore(folder).get(0) if (folder / "client-0.json").exists() else {}
-        if state.get("rounds") == rounds:
-            return state
-        assert time.monotonic() < deadline, f"the state of round {rounds} was never saved"
-        time.sleep(0.01)
+
+    def saved() -> bool:
+        try:
+            return FileStateStore(folder).get(0).get("rounds") == rounds
+        except ClientStateError:  # read between a save's JSON and its old arrays' removal
+            return False
+
+    wait_until(saved, f"the state of round {rounds} to be saved")
+    return FileStateStore(folder).get(0)
 
 
 def test_a_deployed_client_keeps_its_state_across_restarts_of_the_same_run(tmp_path):

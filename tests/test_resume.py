@@ -7,7 +7,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from pollinate.client_state import FileStateStore
 from pollinate.errors import ConfigError
 from pollinate.experiment import run_experiment
 from pollinate.resume import RoundStateStore
+from tests.waiting import patience, wait_until
 
 SMALL = [
     "simulation.backend=sequential",
@@ -102,19 +102,21 @@ def test_sigkill_after_round_3_of_6_then_resume_equals_an_uninterrupted_run(tmp_
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "pollinate.cli", "run", *sets, "--set", f"run.output={out}", "-q"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
+
+    def rounds_done() -> int:
         try:
-            if len(json.loads((out / "history.json").read_text())["rounds"]) >= 3:
-                break
+            return len(json.loads((out / "history.json").read_text())["rounds"])
         except (OSError, ValueError):
-            pass
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    done = len(json.loads((out / "history.json").read_text())["rounds"])
+            return 0
+
+    try:
+        wait_until(lambda: rounds_done() >= 3, "round 3", timeout=240, poll_s=0.05, alive=(proc,))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=patience(60))
+    done = rounds_done()
     assert 3 <= done < 6, f"the kill landed after round {done}"
-    resumed = subprocess.run(cmd[:-1], capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(cmd[:-1], capture_output=True, text=True, timeout=patience(600))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming after round {done}" in resumed.stderr
     final, meta = load_checkpoint(out / "checkpoints/last.npz")
@@ -128,10 +130,11 @@ def test_sigterm_leaves_plots_and_report(tmp_path: Path) -> None:
     sets = ["--set", "run.rounds=200", "--set", "simulation.backend=sequential"]
     cmd = [sys.executable, "-m", "pollinate.cli", "run", *sets, "--set", f"run.output={out}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (out / "history.json").is_file():
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    try:
+        history = out / "history.json"
+        wait_until(history.is_file, "round 1", timeout=120, poll_s=0.05, alive=(proc,))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=patience(120))
     assert proc.returncode == 130, err[-2000:]
     assert (out / "report.html").is_file() and (out / "accuracy.png").is_file()
