@@ -231,7 +231,12 @@ def _run_experiment(cfg: RunConfig, quiet: bool) -> RunResult:
         run.strategy.restore(history.rounds)
         run.strategy.load_state(prior.strategy_state)
         if prior.last >= cfg.run.rounds:
-            log.warning("%s: the run already finished all %d rounds", folder, prior.last)
+            log.warning(
+                "%s: the run already finished %s; nothing to do (raise run.rounds to go on, or "
+                "--fresh to start again)",
+                folder,
+                "its 1 round" if prior.last == 1 else f"all {prior.last} rounds",
+            )
             RunFolderWriter(folder, history, label_counts=run.data.label_counts()).on_run_end(
                 history, None
             )

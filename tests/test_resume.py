@@ -65,11 +65,13 @@ def test_fresh_moves_the_old_run_aside(tmp_path: Path) -> None:
     assert new["config"]["train"]["lr"] == 0.1
 
 
-def test_a_finished_run_is_not_run_again(tmp_path: Path) -> None:
-    first = run_experiment(_cfg(tmp_path, "run.rounds=2"), quiet=True)
-    again = run_experiment(_cfg(tmp_path, "run.rounds=2"), quiet=True)
-    assert len(again.history.rounds) == 2
+def test_a_finished_run_is_not_run_again(tmp_path: Path, caplog) -> None:
+    first = run_experiment(_cfg(tmp_path, "run.rounds=1"), quiet=True)
+    with caplog.at_level("WARNING", logger="pollinate"):
+        again = run_experiment(_cfg(tmp_path, "run.rounds=1"), quiet=True)
+    assert len(again.history.rounds) == 1
     _same(first.arrays, again.arrays)
+    assert "the run already finished its 1 round; nothing to do" in caplog.text
 
 
 def test_client_state_commits_at_round_end_and_keeps_the_previous_version(tmp_path: Path) -> None:
