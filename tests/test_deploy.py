@@ -183,7 +183,7 @@ def test_deployed_run_equals_simulation(cluster: Cluster) -> None:
     assert_same_model(deployed, simulated(folder))
     assert (folder / "runs/deployed/report.html").is_file()
     for i, c in enumerate(clients):  # told the run is over, clients stop by themselves
-        assert c.wait(timeout=60) == 0, cluster.log(f"client{i}")
+        assert c.wait(timeout=patience(60)) == 0, cluster.log(f"client{i}")
     assert "finished all 3 rounds" in cluster.log("client0")
 
 
@@ -207,7 +207,7 @@ def test_strategies_over_grpc_equal_the_simulation(
     server = cluster.start("server", *server_args(port))
     for i in range(5):
         cluster.start(f"client{i}", *client_args(port, i), "--threads", "1")
-    assert server.wait(timeout=300) == 0, cluster.log("server")
+    assert server.wait(timeout=patience(300)) == 0, cluster.log("server")
     deployed, _ = load_checkpoint(folder / "runs/deployed/checkpoints/last.npz")
     assert_same_model(deployed, simulated(folder))
 
@@ -345,7 +345,7 @@ def test_unknown_client_and_wrong_ca_are_refused(cluster: Cluster) -> None:
         "certs/ca.crt",
         "--key",
         "stranger/client-7.key",
-        timeout=120,
+        timeout=patience(120),
     )
     assert unknown.returncode != 0
     assert "allow-list" in unknown.stderr
@@ -365,7 +365,7 @@ def test_unknown_client_and_wrong_ca_are_refused(cluster: Cluster) -> None:
         "certs/client-0.key",
         "--max-retries",
         "1",
-        timeout=120,
+        timeout=patience(120),
     )
     assert wrong_ca.returncode != 0
     assert "gave up" in wrong_ca.stderr
