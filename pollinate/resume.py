@@ -116,6 +116,12 @@ class RoundStateStore(Callback):
     """
 
     def __init__(self, folder: Path, upto: int | None = None) -> None:
+        old = sorted(Path(folder).glob("[0-9]*.npz"))  # the layout before client-<id>.json
+        if old:
+            raise ConfigError(
+                f"{folder} holds client state in an older layout ({old[0].name} …) that this "
+                "pollinate does not read; pass --fresh to move the old run aside and start again"
+            )
         self.files = FileStateStore(folder, upto=upto)
         self._pending: dict[ClientId, dict[str, Any]] = {}
         self._cache: dict[ClientId, dict[str, Any]] = {}

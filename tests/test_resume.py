@@ -93,6 +93,12 @@ def test_client_state_commits_at_round_end_and_keeps_the_previous_version(tmp_pa
     assert RoundStateStore(tmp_path, upto=2).get(3)["n"] == 2  # … still resumes from round 2
 
 
+def test_client_state_in_the_older_layout_is_refused_not_dropped(tmp_path: Path) -> None:
+    np.savez(tmp_path / "3.npz", x=np.zeros(2))
+    with pytest.raises(ConfigError, match=r"older layout \(3\.npz …\).*--fresh"):
+        RoundStateStore(tmp_path, upto=2)
+
+
 @pytest.mark.slow
 def test_sigkill_after_round_3_of_6_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     args = ["data.num_clients=20", "train.epochs=3", "run.rounds=6", "run.deterministic=true"]
