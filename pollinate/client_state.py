@@ -1,14 +1,24 @@
-"""Clients' state between rounds, kept in files: what a deployed client saves after each task.
+"""Clients' state between rounds, kept in files: the one on-disk ``StateStore``.
 
 A stateful algorithm keeps per-client values in ``ClientContext.state`` (SCAFFOLD's control
-variate, local DP's count of releases, secure aggregation's keys during a round). Simulation
-keeps them in memory; a deployed client (``pollinate client --state-dir DIR``) keeps them in
-:class:`FileStateStore` so that a restarted client goes on where it stopped.
+variate, local DP's count of releases, secure aggregation's keys during a round). Two users
+keep them in :class:`FileStateStore`:
+
+- a deployed client (``pollinate client --state-dir DIR``) saves after every task, so that a
+  restarted client goes on where it stopped;
+- ``pollinate run`` commits the simulated clients' state once per completed round
+  (``pollinate.resume.RoundStateStore``), each save tagged with its round. A client's file
+  then also keeps the newest version from an earlier round, and a store opened with
+  ``upto=r`` reads the newest version from round ``r`` or before: a crash between committing
+  round ``r``'s client state and writing its checkpoint resumes from round ``r - 1``
+  consistently.
 
 Client ``<id>``'s state is two files, never a pickle:
 
 - ``client-<id>.json``: the state as JSON, with NumPy arrays replaced by references into
-- ``client-<id>.<token>.npz``: its arrays (absent when the state holds none).
+- ``client-<id>.<token>.npz``: its arrays (absent when the state holds none). With a round
+  tag the JSON holds ``"round"`` and, when there is one, ``"previous": {"round", "state"}``;
+  the arrays of both versions share the one npz.
 
 Both are written to temporary files and renamed into place, the JSON last: a crash leaves
 either the old state or the new one (an orphaned ``.npz`` is removed by the next save).
@@ -53,12 +63,17 @@ class FileStateStore:
     """A ``StateStore`` in a folder: each client's state in its own JSON (+ npz) files.
 
     ``run_id``, when set, is recorded with each save; :meth:`saved_run_id` reads it back so
-    that a client can drop state saved for another run.
+    that a client can drop state saved for another run. ``upto``, when set, makes :meth:`get`
+    return the newest version saved for round ``upto`` or before (``{}`` if none): the state
+    that goes with a checkpoint of round ``upto``.
     """
 
-    def __init__(self, directory: str | Path, run_id: str | None = None) -> None:
+    def __init__(
+        self, directory: str | Path, run_id: str | None = None, upto: int | None = None
+    ) -> None:
         self.directory = Path(directory)
         self.run_id = run_id
+        self.upto = upto
 
     def path(self, client_id: ClientId) -> Path:
         """Client ``client_id``'s JSON file."""
@@ -69,18 +84,10 @@ class FileStateStore:
         doc = self._document(client_id)
         if doc is None:
             return {}
-        path = self.path(client_id)
-        arrays: dict[str, np.ndarray] = {}
-        name = doc.get("arrays")
-        if name is not None:
-            arrays = self._arrays(path, name)
-        try:
-            state = _decode(doc["state"], arrays)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise self._damaged(path, f"its contents do not decode ({exc})") from None
-        if not isinstance(state, dict):
-            raise self._damaged(path, "it holds no state object")
-        return state
+        for round_number, tree in _versions(doc):  # newest first
+            if self.upto is None or round_number is None or round_number <= self.upto:
+                return self._decode(client_id, doc, tree)
+        return {}
 
     def saved_run_id(self, client_id: ClientId) -> str | None:
         """The run id the client's state was saved under (None: none saved, or no run id)."""
@@ -88,16 +95,29 @@ class FileStateStore:
         run_id = doc.get("run_id") if doc is not None else None
         return run_id if isinstance(run_id, str) else None
 
-    def put(self, client_id: ClientId, state: dict[str, Any]) -> None:
-        """Save the client's state atomically (an empty state removes its files)."""
+    def put(
+        self, client_id: ClientId, state: dict[str, Any], round_number: int | None = None
+    ) -> None:
+        """Save the client's state atomically (an empty state removes its files).
+
+        With ``round_number`` the save is tagged with that round and the newest version from
+        an earlier round is kept beside it (an empty state is then kept too, when there is
+        such a version: reading ``upto`` an earlier round must still find it).
+        """
         path = self.path(client_id)
-        if not state:
+        previous = None
+        if round_number is not None:
+            previous = self._previous(client_id, round_number)
+        if not state and previous is None:
             path.unlink(missing_ok=True)
             self._remove_arrays(client_id, keep=None)
             return
         arrays: list[np.ndarray] = []
+        old: dict[str, Any] | None = None
         try:
             tree = _encode(state, arrays, "state")
+            if previous is not None:
+                old = {"round": previous[0], "state": _encode(previous[1], arrays, "state")}
         except TypeError as exc:
             raise ClientStateError(
                 f"cannot save client {client_id}'s state to {path}: {exc}"
@@ -106,6 +126,10 @@ class FileStateStore:
         doc: dict[str, Any] = {"format": FORMAT, "version": VERSION, "client_id": int(client_id)}
         if self.run_id is not None:
             doc["run_id"] = self.run_id
+        if round_number is not None:
+            doc["round"] = int(round_number)
+        if old is not None:
+            doc["previous"] = old
         npz = None
         if arrays:
             npz = f"client-{int(client_id)}.{secrets.token_hex(6)}.npz"
@@ -117,6 +141,32 @@ class FileStateStore:
             f.write(json.dumps(doc, separators=(",", ":")).encode("utf-8"))
         _sync_directory(self.directory)
         self._remove_arrays(client_id, keep=npz)
+
+    def _previous(
+        self, client_id: ClientId, round_number: int
+    ) -> tuple[int, dict[str, Any]] | None:
+        """The newest saved version from a round before ``round_number``, if any."""
+        doc = self._document(client_id)
+        if doc is None:
+            return None
+        for saved, tree in _versions(doc):
+            if saved is not None and saved < round_number:
+                return saved, self._decode(client_id, doc, tree)
+        return None
+
+    def _decode(self, client_id: ClientId, doc: dict[str, Any], tree: Any) -> dict[str, Any]:
+        path = self.path(client_id)
+        arrays: dict[str, np.ndarray] = {}
+        name = doc.get("arrays")
+        if name is not None:
+            arrays = self._arrays(path, name)
+        try:
+            state = _decode(tree, arrays)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise self._damaged(path, f"its contents do not decode ({exc})") from None
+        if not isinstance(state, dict):
+            raise self._damaged(path, "it holds no state object")
+        return state
 
     def _document(self, client_id: ClientId) -> dict[str, Any] | None:
         path = self.path(client_id)
@@ -161,6 +211,19 @@ class FileStateStore:
             "what it kept between rounds, e.g. SCAFFOLD's control variate or the count of "
             "local DP releases)"
         )
+
+
+def _versions(doc: dict[str, Any]) -> list[tuple[int | None, Any]]:
+    """A state document's saved versions, newest first: (round or None, encoded state)."""
+    out: list[tuple[int | None, Any]] = [(_round(doc.get("round")), doc["state"])]
+    previous = doc.get("previous")
+    if isinstance(previous, dict) and "state" in previous:
+        out.append((_round(previous.get("round")), previous["state"]))
+    return out
+
+
+def _round(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 # --- encoding -------------------------------------------------------------------------------

@@ -170,7 +170,8 @@ def _serve(
                 "strategy fedbuff cannot resume: the clients in flight when it stopped cannot "
                 "be restored; start afresh with --fresh"
             )
-        built = build_run(cfg, run_tag=state.run_id)  # the server uses only the test split
+        # the server uses only the test split; clients may bring their own data (--app)
+        built = build_run(cfg, run_tag=state.run_id, own_client_data=True)
         strategy, data = built.strategy, built.data
         arrays = saved if saved is not None else built.initial_arrays
         history = built.history(records)

@@ -94,8 +94,11 @@ def strategy_parts(cfg: RunConfig) -> dict[str, Any]:
     return parts
 
 
-def build_strategy(cfg: RunConfig, evaluate_fn: EvaluateFn | None) -> Strategy:
-    """The config's strategy, evaluating centrally with ``evaluate_fn``, wrapped per [privacy]."""
+def build_strategy(
+    cfg: RunConfig, evaluate_fn: EvaluateFn | None, *, clients_evaluate: bool = True
+) -> Strategy:
+    """The config's strategy, evaluating centrally with ``evaluate_fn``, wrapped per [privacy].
+    ``clients_evaluate=False`` (no client holds test data) turns federated evaluation off."""
     from pollinate.config import strategy_params
     from pollinate.privacy.plan import wrap_strategy
     from pollinate.strategy.presets import make_strategy
@@ -115,7 +118,7 @@ def build_strategy(cfg: RunConfig, evaluate_fn: EvaluateFn | None) -> Strategy:
         fraction_train=1.0 if central else s.fraction_train,
         min_train_clients=s.min_train_clients,
         min_available_clients=0 if central else s.min_available_clients,
-        fraction_evaluate=s.fraction_evaluate,
+        fraction_evaluate=s.fraction_evaluate if clients_evaluate else 0.0,
         min_evaluate_clients=s.min_evaluate_clients,
         round_timeout_s=s.round_timeout_s,
         train_config=train_config(cfg),
@@ -164,14 +167,21 @@ class Run:
         return History(config=self.cfg.to_dict(), rounds=list(records))
 
 
-def build_run(cfg: RunConfig, run_tag: str | None = None) -> Run:
-    """Assemble ``cfg`` into a ``Run``; the one place the config path turns into objects."""
+def build_run(cfg: RunConfig, run_tag: str | None = None, *, own_client_data: bool = False) -> Run:
+    """Assemble ``cfg`` into a ``Run``; the one place the config path turns into objects.
+
+    ``own_client_data``: the clients may hold data of their own, not the config's (deployed
+    clients with ``--app``), so the config's client test sets do not decide whether they
+    can evaluate."""
     from pollinate.frameworks.base import framework_parts
     from pollinate.privacy.plan import build_secure
 
     data = build_data(cfg)
     parts = framework_parts(cfg, data)  # checks the model on one batch of the data, once
-    strategy = build_strategy(cfg, parts.evaluator)
+    # no client holds test data (too many clients, or client_test_fraction = 0; the former is
+    # warned about when the data are built): no federated evaluation, not one failure a client
+    clients_evaluate = own_client_data or data.has_client_test_data()
+    strategy = build_strategy(cfg, parts.evaluator, clients_evaluate=clients_evaluate)
     secure = build_secure(cfg, run_tag=run_tag)
     if secure is not None:  # refuse a strategy that cannot take a sum now, not in round 1
         strategy.secure_terms(1, 1, secure.max_weight)
@@ -215,7 +225,7 @@ def run_experiment(cfg: RunConfig, quiet: bool = False, fresh: bool = False) -> 
 
 def _run_experiment(cfg: RunConfig, quiet: bool) -> RunResult:
     from pollinate.privacy.accounting import PrivacyBudgetExceeded
-    from pollinate.resume import CLIENT_STATE, FileStateStore, resume_point
+    from pollinate.resume import CLIENT_STATE, RoundStateStore, resume_point
     from pollinate.simulation.environment import Environment
 
     folder = cfg.output_dir
@@ -234,13 +244,18 @@ def _run_experiment(cfg: RunConfig, quiet: bool) -> RunResult:
         run.strategy.restore(history.rounds)
         run.strategy.load_state(prior.strategy_state)
         if prior.last >= cfg.run.rounds:
-            log.warning("%s: the run already finished all %d rounds", folder, prior.last)
+            log.warning(
+                "%s: the run already finished %s; nothing to do (raise run.rounds to go on, or "
+                "--fresh to start again)",
+                folder,
+                "its 1 round" if prior.last == 1 else f"all {prior.last} rounds",
+            )
             RunFolderWriter(folder, history, label_counts=run.data.label_counts()).on_run_end(
                 history, None
             )
             return RunResult(history, arrays)
         log.warning("%s: resuming after round %d of %d", folder, prior.last, cfg.run.rounds)
-    store = FileStateStore(folder / CLIENT_STATE, upto=prior.last if prior else 0)
+    store = RoundStateStore(folder / CLIENT_STATE, upto=prior.last if prior else 0)
     last = _LastModel(arrays)
     callbacks = [
         store,  # before the checkpoint: see pollinate.resume

@@ -12,10 +12,11 @@ clients keep between rounds, e.g. SCAFFOLD's control variates).
   naming the differences when it holds a run of another config.
 - ``move_aside(folder)``: ``--fresh`` renames the old folder to ``<name>.<timestamp>``
   (never deleted).
-- ``FileStateStore``: the clients' state, committed once per completed round. Each client's
-  file keeps its latest version and the one before, each tagged with its round, so a crash
-  between committing the clients' state and writing the checkpoint resumes consistently
-  (the newest version not after the checkpoint's round is used).
+- ``RoundStateStore``: the clients' state, committed once per completed round to a
+  ``FileStateStore`` (``pollinate.client_state``). Each client's file keeps its latest
+  version and the one before, each tagged with its round, so a crash between committing the
+  clients' state and writing the checkpoint resumes consistently (the newest version not
+  after the checkpoint's round is used).
 """
 
 from __future__ import annotations
@@ -26,13 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from pollinate.callbacks import load_checkpoint, load_strategy_state
+from pollinate.client_state import FileStateStore
 from pollinate.errors import ConfigError, DataError
-from pollinate.report.files import atomic_open, read_history, to_json_safe
+from pollinate.report.files import read_history, to_json_safe
 from pollinate.server import Callback
-from pollinate.strategy.state import pack, unpack
 from pollinate.types import Arrays, ClientId
 
 LAST_CHECKPOINT = Path("checkpoints") / "last.npz"
@@ -106,18 +105,24 @@ def move_aside(folder: Path) -> Path | None:
     return target
 
 
-class FileStateStore(Callback):
-    """A ``StateStore`` on disk: each client's state in ``<folder>/<client id>.npz``.
+class RoundStateStore(Callback):
+    """The simulated clients' ``StateStore`` of a run folder, committed once per round.
 
-    States put during a round are held in memory and written when the round ends
-    (``on_round_end``), so an interrupted round leaves no trace. ``upto``: when resuming
-    after round ``upto``, the newest saved version of each client's state from that round or
-    before is used.
+    States put during a round are held in memory and saved to a
+    :class:`~pollinate.client_state.FileStateStore` in ``folder``, tagged with the round,
+    when the round ends (``on_round_end``), so an interrupted round leaves no trace.
+    ``upto``: when resuming after round ``upto``, the newest saved version of each client's
+    state from that round or before is used.
     """
 
     def __init__(self, folder: Path, upto: int | None = None) -> None:
-        self.folder = Path(folder)
-        self.upto = upto
+        old = sorted(Path(folder).glob("[0-9]*.npz"))  # the layout before client-<id>.json
+        if old:
+            raise ConfigError(
+                f"{folder} holds client state in an older layout ({old[0].name} …) that this "
+                "pollinate does not read; pass --fresh to move the old run aside and start again"
+            )
+        self.files = FileStateStore(folder, upto=upto)
         self._pending: dict[ClientId, dict[str, Any]] = {}
         self._cache: dict[ClientId, dict[str, Any]] = {}
 
@@ -125,7 +130,7 @@ class FileStateStore(Callback):
         if client_id in self._pending:
             return dict(self._pending[client_id])
         if client_id not in self._cache:
-            self._cache[client_id] = self._read(client_id)
+            self._cache[client_id] = self.files.get(client_id)
         return dict(self._cache[client_id])
 
     def put(self, client_id: ClientId, state: dict[str, Any]) -> None:
@@ -135,35 +140,6 @@ class FileStateStore(Callback):
     def on_round_end(self, record: dict[str, Any], arrays: Arrays) -> None:
         round_number = int(record["round"])
         for cid, state in self._pending.items():
-            self._write(cid, round_number, state)
+            self.files.put(cid, state, round_number)
             self._cache[cid] = state
         self._pending.clear()
-
-    def _path(self, client_id: ClientId) -> Path:
-        return self.folder / f"{int(client_id)}.npz"
-
-    def _versions(self, client_id: ClientId) -> list[tuple[int, dict[str, Any]]]:
-        path = self._path(client_id)
-        if not path.is_file():
-            return []
-        with np.load(path, allow_pickle=False) as data:
-            meta = json.loads(str(data["__meta__"]))
-            arrays = {k: data[k] for k in data.files if k != "__meta__"}
-        return [(int(v["round"]), unpack(v["state"], arrays)) for v in meta["versions"]]
-
-    def _read(self, client_id: ClientId) -> dict[str, Any]:
-        for round_number, state in self._versions(client_id):  # newest first
-            if self.upto is None or round_number <= self.upto:
-                return dict(state)
-        return {}
-
-    def _write(self, client_id: ClientId, round_number: int, state: dict[str, Any]) -> None:
-        kept = [(r, s) for r, s in self._versions(client_id) if r < round_number][:1]
-        versions = [(round_number, state), *kept]
-        tree, arrays = pack({str(i): s for i, (_, s) in enumerate(versions)})
-        meta = {
-            "versions": [{"round": r, "state": tree[str(i)]} for i, (r, _) in enumerate(versions)]
-        }
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with atomic_open(self._path(client_id), binary=True) as handle:
-            np.savez(handle, __meta__=np.array(json.dumps(meta)), **arrays)  # type: ignore[arg-type]

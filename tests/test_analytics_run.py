@@ -22,6 +22,7 @@ from pollinate.privacy.secagg import SecAggConfig
 from pollinate.privacy.secure import SecureAggregation, SecureClient
 from pollinate.simulation.engine import SimulationExecutor, make_backend
 from pollinate.types import QueryRes
+from tests.waiting import patience
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "examples" / "diabetes-analytics.toml"
@@ -214,7 +215,7 @@ def test_pollinate_analyze_cli(tmp_path: Path) -> None:
         ],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=patience(300),
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
@@ -225,7 +226,7 @@ def test_pollinate_analyze_cli(tmp_path: Path) -> None:
         [sys.executable, "-m", "pollinate.cli", "analyze", str(DEMO), "--set", "data.bogus=1"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=patience(120),
         cwd=tmp_path,
     )
     assert bad.returncode == 2 and "unknown key data.bogus" in bad.stderr
@@ -268,9 +269,9 @@ def test_analytics_over_grpc_with_real_client_processes(tmp_path: Path) -> None:
                     *extra,
                 )
             )
-        assert server.wait(timeout=300) == 0, cluster.log("server")
+        assert server.wait(timeout=patience(300)) == 0, cluster.log("server")
         for i, c in enumerate(clients):  # told the session is over, clients stop by themselves
-            assert c.wait(timeout=60) == 0, cluster.log(f"client{i}")
+            assert c.wait(timeout=patience(60)) == 0, cluster.log(f"client{i}")
     finally:
         cluster.stop_all()
     answers = {

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from tests.test_datasets import fake_arrays
+from tests.waiting import patience
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -54,7 +55,7 @@ def test_benchmark_script_runs(command: str, data_folder: Path) -> None:
         env={**os.environ, "POLLINATE_DATA": str(data_folder)},
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=patience(300),
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert SCRIPTS[command] in proc.stdout, proc.stdout[-3000:]

@@ -14,6 +14,7 @@ import pytest
 
 from pollinate.callbacks import load_checkpoint
 from pollinate.cli import main
+from tests.waiting import patience
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +27,7 @@ def pollinate(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=patience(600),
     )
 
 
@@ -199,7 +200,7 @@ def python_c(code: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[st
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=patience(600),
     )
 
 
@@ -312,7 +313,7 @@ def test_progress_is_shown_as_info_and_quiet_shows_errors_only(tmp_path):
         )
         for flags in ([], ["-q"])
     ]
-    (out, err), (quiet_out, quiet_err) = (p.communicate(timeout=600) for p in runs)
+    (out, err), (quiet_out, quiet_err) = (p.communicate(timeout=patience(600)) for p in runs)
     assert [p.returncode for p in runs] == [0, 0], err + quiet_err
     assert "pollinate: query 1/1 patients: 442" in err.splitlines()  # INFO, without a level
     assert "WARNING" not in err

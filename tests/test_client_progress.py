@@ -11,13 +11,12 @@ from pollinate.strategy import FedAvg
 from pollinate.transport.grpc.client import run_client
 from pollinate.transport.grpc.server import FleetServer, GrpcExecutor
 from tests.fakes import MeanClientFn, initial
-
-WAIT = 60.0
+from tests.waiting import WAIT, patience
 
 
 def test_a_deployed_client_logs_one_line_per_task(caplog) -> None:
     caplog.set_level(logging.INFO, logger="pollinate")
-    fleet = FleetServer("127.0.0.1:0", heartbeat_s=0.5, run_id="progress").start()
+    fleet = FleetServer("127.0.0.1:0", heartbeat_s=patience(0.5), run_id="progress").start()
     stop = threading.Event()
     threads = [
         threading.Thread(

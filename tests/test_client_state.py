@@ -7,7 +7,6 @@ import math
 import os
 import stat
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +16,7 @@ import pytest
 from pollinate.client import ClientContext
 from pollinate.client_state import ClientStateError, FileStateStore
 from pollinate.types import Arrays, Config, EvaluateRes, TrainIns, TrainRes
-
-WAIT = 60.0  # bound for things that take milliseconds: never a timing assertion
+from tests.waiting import WAIT, patience, wait_until
 
 
 def rich_state() -> dict[str, Any]:
@@ -155,6 +153,23 @@ def test_a_damaged_file_gives_an_error_naming_it_and_the_fix(tmp_path, damage, w
     assert str(path) in message and f"delete {tmp_path / 'client-5'}.*" in message
 
 
+def test_saves_tagged_with_a_round_keep_the_newest_earlier_version(tmp_path):
+    """What a resumable run needs: reading ``upto`` the checkpoint's round finds that state."""
+    store = FileStateStore(tmp_path)
+    store.put(7, {"c": np.arange(2), "pair": (1, b"k")}, 1)
+    store.put(7, {"c": np.arange(3)}, 2)
+    store.put(7, {"c": np.arange(4)}, 2)  # round 2 again (resumed after round 1): replaces it
+    store.put(7, {"c": np.arange(5)}, 4)
+    sizes = [len(FileStateStore(tmp_path, upto=u).get(7).get("c", [])) for u in range(6)]
+    assert sizes == [0, 0, 4, 4, 5, 5]  # round 1's version went when round 4's came
+    store.put(7, {}, 5)  # dropped in round 5: round 4's version stays for a resume from there
+    assert FileStateStore(tmp_path).get(7) == {}
+    assert len(FileStateStore(tmp_path, upto=4).get(7)["c"]) == 5
+    assert len(files(tmp_path)) == 2  # the JSON and one npz for both versions
+    store.put(7, {})  # an untagged empty save removes everything
+    assert files(tmp_path) == []
+
+
 def test_values_it_cannot_keep_are_refused_by_name(tmp_path):
     store = FileStateStore(tmp_path)
     with pytest.raises(ClientStateError, match=r"state\['model'\]\[1\] is a set"):
@@ -216,7 +231,7 @@ def rounds_through(run_id: str, state_dir: Path, values: list[float]) -> list[Tr
     """Start a server and the client, run one train task per value, stop both."""
     from pollinate.transport.grpc.server import FleetServer, GrpcExecutor
 
-    fleet = FleetServer("127.0.0.1:0", heartbeat_s=0.5, run_id=run_id).start()
+    fleet = FleetServer("127.0.0.1:0", heartbeat_s=patience(0.5), run_id=run_id).start()
     client = ClientThread(fleet.address, state_dir)
     try:
         assert fleet.wait_for(1, timeout=WAIT), client.error
@@ -236,13 +251,15 @@ def rounds_through(run_id: str, state_dir: Path, values: list[float]) -> list[Tr
 
 def saved_rounds(folder: Path, rounds: int) -> dict[str, Any]:
     """The client saves right after sending its result: wait for that save to land."""
-    deadline = time.monotonic() + WAIT
-    while True:
-        state = FileStateStore(folder).get(0) if (folder / "client-0.json").exists() else {}
-        if state.get("rounds") == rounds:
-            return state
-        assert time.monotonic() < deadline, f"the state of round {rounds} was never saved"
-        time.sleep(0.01)
+
+    def saved() -> bool:
+        try:
+            return FileStateStore(folder).get(0).get("rounds") == rounds
+        except ClientStateError:  # read between a save's JSON and its old arrays' removal
+            return False
+
+    wait_until(saved, f"the state of round {rounds} to be saved")
+    return FileStateStore(folder).get(0)
 
 
 def test_a_deployed_client_keeps_its_state_across_restarts_of_the_same_run(tmp_path):

@@ -23,7 +23,7 @@ from pollinate.data import (
     partitioner_from_config,
 )
 from pollinate.errors import ConfigError, DataError
-from pollinate.experiment import build_data
+from pollinate.experiment import build_data, run_experiment
 
 NEW_PARTITIONS = ["pathological", "inner_dirichlet", "linear", "square", "exponential"]
 
@@ -179,3 +179,16 @@ def test_no_warning_when_every_client_can_evaluate_or_none_should(caplog) -> Non
             data_section("data.num_clients=1000", "data.client_test_fraction=0"), seed=0
         )
     assert "test examples" not in caplog.text
+
+
+def test_federated_evaluation_is_really_off_when_no_client_holds_test_data(tmp_path, caplog):
+    """The warning says it is off: no client is asked to evaluate, none fails doing so."""
+    sets = ["data.num_clients=1000", "strategy.fraction_train=0.01", "run.rounds=1"]
+    sets += ["train.epochs=1", "simulation.backend=sequential", f"run.output={tmp_path}"]
+    with caplog.at_level(logging.WARNING, logger="pollinate"):
+        result = run_experiment(config.load(overrides=sets), quiet=True)
+    assert "federated evaluation is off" in caplog.text
+    assert "failed in evaluate" not in caplog.text
+    [record] = result.history.rounds
+    assert "federated" not in record and "centralized" in record
+    assert not record.get("failures")

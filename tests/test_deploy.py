@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -10,7 +11,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,9 +20,13 @@ import pytest
 from pollinate import config
 from pollinate.callbacks import load_checkpoint
 from pollinate.experiment import run_experiment
+from tests import waiting
+from tests.waiting import patience
 
 TESTS = Path(__file__).resolve().parent
 pytestmark = pytest.mark.slow
+# these waits poll log and history files that change every few seconds
+wait_until = functools.partial(waiting.wait_until, poll_s=0.2)
 
 
 def free_port() -> int:
@@ -128,34 +132,6 @@ def rounds_done(folder: Path) -> int:
         return 0
 
 
-def patience(seconds: float) -> float:
-    """``seconds`` on an idle machine, scaled by how busy the cores are now: these tests start
-    up to eight Python processes that import torch, on a machine shared with other work."""
-    try:
-        load = os.getloadavg()[0] / (os.cpu_count() or 1)
-    except OSError:  # not available on this platform
-        load = 1.0
-    return seconds * max(1.0, load)
-
-
-def wait_until(  # type: ignore[no-untyped-def]
-    predicate, timeout: float, what: str, *, alive: tuple[subprocess.Popen[str], ...] = ()
-) -> None:
-    """Poll ``predicate`` until it holds. Fails after ``patience(timeout)``, re-measured while
-    waiting so a load that rises meanwhile extends it, or at once when a process in ``alive``
-    has exited (it would never make the predicate true)."""
-    start = time.monotonic()
-    while True:
-        if predicate():
-            return
-        for proc in alive:
-            if proc.poll() is not None:
-                raise AssertionError(f"{what}: {proc.args!r} exited with {proc.returncode}")
-        if time.monotonic() - start > patience(timeout):
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
 def server_args(port: int) -> list[str]:
     return ["server", "run.toml", "--address", f"127.0.0.1:{port}", "--certs", "certs", "-q"]
 
@@ -189,7 +165,7 @@ def test_deployed_run_equals_simulation(cluster: Cluster) -> None:
     transport += ["--stall-s", "7", "--max-metrics-keys", "32", "--max-streams", "64"]
     server = cluster.start("server", *server_args(port), *transport)
     clients = [cluster.start(f"client{i}", *client_args(port, i)) for i in range(5)]
-    wait_until(lambda: rounds_done(folder) >= 1, 180, "round 1", alive=(server,))
+    wait_until(lambda: rounds_done(folder) >= 1, "round 1", timeout=180, alive=(server,))
     status = cluster.cli("status", f"127.0.0.1:{port}", "--certs", "certs", "--client-id", "0")
     assert status.returncode == 0, status.stderr
     assert "clients connected: 5" in status.stdout and "  0 1 2 3 4" in status.stdout
@@ -207,7 +183,7 @@ def test_deployed_run_equals_simulation(cluster: Cluster) -> None:
     assert_same_model(deployed, simulated(folder))
     assert (folder / "runs/deployed/report.html").is_file()
     for i, c in enumerate(clients):  # told the run is over, clients stop by themselves
-        assert c.wait(timeout=60) == 0, cluster.log(f"client{i}")
+        assert c.wait(timeout=patience(60)) == 0, cluster.log(f"client{i}")
     assert "finished all 3 rounds" in cluster.log("client0")
 
 
@@ -231,7 +207,7 @@ def test_strategies_over_grpc_equal_the_simulation(
     server = cluster.start("server", *server_args(port))
     for i in range(5):
         cluster.start(f"client{i}", *client_args(port, i), "--threads", "1")
-    assert server.wait(timeout=300) == 0, cluster.log("server")
+    assert server.wait(timeout=patience(300)) == 0, cluster.log("server")
     deployed, _ = load_checkpoint(folder / "runs/deployed/checkpoints/last.npz")
     assert_same_model(deployed, simulated(folder))
 
@@ -256,15 +232,21 @@ def test_client_killed_mid_round_then_rejoins(cluster: Cluster) -> None:
     ]
     victim = cluster.start("victim", *app, env={"POLLINATE_SLEEP_ROUND": "2"})
     wait_until(
-        lambda: "stalling in round 2" in cluster.log("victim"), 180, "the stall", alive=(server,)
+        lambda: "stalling in round 2" in cluster.log("victim"),
+        "the stall",
+        timeout=180,
+        alive=(server,),
     )
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=30)
     wait_until(
-        lambda: rounds_done(folder) >= 2, 60, "round 2 without the killed client", alive=(server,)
+        lambda: rounds_done(folder) >= 2,
+        "round 2 without the killed client",
+        timeout=60,
+        alive=(server,),
     )
     cluster.start("victim-again", *app)  # same identity, no stall
-    wait_until(lambda: rounds_done(folder) >= 4, 240, "round 4", alive=(server,))
+    wait_until(lambda: rounds_done(folder) >= 4, "round 4", timeout=240, alive=(server,))
     history = json.loads((folder / "runs/deployed/history.json").read_text())
     round2 = history["rounds"][1]
     assert round2["train"]["clients"] == 3
@@ -291,7 +273,9 @@ def test_server_killed_after_round_2_resumes(cluster: Cluster, strategy: str) ->
     cluster.start(
         "client0", *app, env={"POLLINATE_GATE_ROUND": "3", "POLLINATE_GATE_FILE": str(gate)}
     )
-    wait_until(lambda: "gate in round 3" in cluster.log("client0"), 180, "round 3", alive=(server,))
+    wait_until(
+        lambda: "gate in round 3" in cluster.log("client0"), "round 3", timeout=180, alive=(server,)
+    )
     assert rounds_done(folder) == 2
     server.send_signal(signal.SIGKILL)
     server.wait(timeout=30)
@@ -324,8 +308,8 @@ def test_secure_aggregation_survives_two_clients_killed_mid_protocol(cluster: Cl
     for i in (4, 5):  # eight processes start on shared cores: the wait scales with the load
         wait_until(
             lambda i=i: "stalling in round 1" in cluster.log(f"victim{i}"),
-            120,
             f"victim {i} to stall in the masked stage",
+            timeout=120,
             alive=(server, *victims),
         )
     for victim in victims:
@@ -361,7 +345,7 @@ def test_unknown_client_and_wrong_ca_are_refused(cluster: Cluster) -> None:
         "certs/ca.crt",
         "--key",
         "stranger/client-7.key",
-        timeout=120,
+        timeout=patience(120),
     )
     assert unknown.returncode != 0
     assert "allow-list" in unknown.stderr
@@ -381,7 +365,7 @@ def test_unknown_client_and_wrong_ca_are_refused(cluster: Cluster) -> None:
         "certs/client-0.key",
         "--max-retries",
         "1",
-        timeout=120,
+        timeout=patience(120),
     )
     assert wrong_ca.returncode != 0
     assert "gave up" in wrong_ca.stderr
@@ -399,7 +383,9 @@ def test_a_second_server_on_the_same_run_folder_is_refused_at_once(cluster: Clus
     folder = cluster.folder
     write_config(folder, rounds=1, clients=2)
     first = cluster.start("server", *server_args(free_port()))
-    wait_until(lambda: "listening on" in cluster.log("server"), 60, "the server", alive=(first,))
+    wait_until(
+        lambda: "listening on" in cluster.log("server"), "the server", timeout=60, alive=(first,)
+    )
     second = cluster.cli(*server_args(free_port()))  # another port, the same run.output
     assert second.returncode == 2, second.stderr
     assert f"runs/deployed is in use by process {first.pid} " in second.stderr, second.stderr

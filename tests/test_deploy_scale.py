@@ -15,6 +15,7 @@ from pollinate.server import run
 from pollinate.strategy import FedAvg
 from pollinate.transport.grpc.client import Backoff, run_client
 from pollinate.transport.grpc.server import FleetServer, GrpcExecutor
+from tests.waiting import patience
 
 CLIENTS = 200
 
@@ -28,7 +29,7 @@ def test_two_hundred_clients_complete_three_rounds() -> None:
     app = classification_app(build, data)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(1)
-    fleet = FleetServer("127.0.0.1:0", run_id="scale", heartbeat_s=5.0).start()
+    fleet = FleetServer("127.0.0.1:0", run_id="scale", heartbeat_s=patience(5.0)).start()
     stop = threading.Event()
     workers = [
         threading.Thread(
@@ -42,12 +43,12 @@ def test_two_hundred_clients_complete_three_rounds() -> None:
     try:
         for w in workers:
             w.start()
-        assert fleet.wait_for(CLIENTS, timeout=120), f"{len(fleet.connected())} connected"
+        assert fleet.wait_for(CLIENTS, timeout=patience(120)), f"{len(fleet.connected())} connected"
         strategy = FedAvg(
             min_train_clients=CLIENTS,
             min_available_clients=CLIENTS,
             fraction_evaluate=0.0,
-            round_timeout_s=300,
+            round_timeout_s=patience(300),
             train_config={"epochs": 1, "batch_size": 8, "lr": 0.1},
             evaluate_fn=torch_evaluator(build, *data.server_test()),
         )

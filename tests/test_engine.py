@@ -320,3 +320,29 @@ def test_memory_is_flat_in_unsampled_clients() -> None:
     assert len(store) <= 9  # state only for clients that trained
     assert all(len(r["clients"]) <= 5 for r in history.rounds)
     assert peak < peak_small + 1_000_000  # a per-client list of a million would be 8 MB+
+
+
+def test_clients_failing_alike_log_one_traceback_and_a_count(caplog) -> None:
+    """1,000 clients with the same fault must not print 1,000 tracebacks; the history still
+    names every failed client."""
+    failing = {cid: "raise" for cid in range(2, 9)}  # evaluate raises "boom" in each
+    with caplog.at_level("WARNING", logger="pollinate"):
+        result = simulate(
+            MeanClientFn(failing),
+            num_clients=10,
+            strategy=_strategy(min_evaluate_clients=1),
+            initial_arrays=initial(),
+            rounds=1,
+            backend="sequential",
+        )
+    evaluate_lines = [r.getMessage() for r in caplog.records if "in evaluate" in r.getMessage()]
+    assert len(evaluate_lines) == 2, evaluate_lines
+    assert "client 2 failed in evaluate:\nTraceback" in evaluate_lines[0]
+    assert evaluate_lines[1] == (
+        "round 1: 6 more clients failed in evaluate with the same error (RuntimeError: boom), "
+        "e.g. clients 3, 4, 5, 6, 7"
+    )
+    # train errors differ ("client 2 exploded", "client 3 exploded" …): one traceback each
+    assert sum("failed in train:\nTraceback" in r.getMessage() for r in caplog.records) == 7
+    failures = result.history.rounds[0]["failures"]
+    assert sorted(f["client_id"] for f in failures if f["task"] == "evaluate") == list(range(2, 9))

@@ -17,10 +17,12 @@ from pollinate.experiment import build_data, run_experiment  # noqa: E402
 from pollinate.frameworks.base import framework_parts, get_framework  # noqa: E402
 from pollinate.frameworks.common import SCAFFOLD_STATE_KEY, FrameworkClient  # noqa: E402
 from pollinate.frameworks.keras import KerasRunner, build_model  # noqa: E402
+from tests.waiting import patience  # noqa: E402
 
 BLOG_MODULE = """
 import keras
 from keras.layers import Dense, Flatten, Input
+from tests.waiting import patience
 
 def create_model():
     model = keras.Sequential([Input(shape=(8, 8, 1)), Flatten(), Dense(16, activation="relu"),
@@ -238,7 +240,7 @@ def test_the_jax_backend_trains_with_the_strategy_terms(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=patience(240),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["ok", "7"]  # 200 examples in batches of 32

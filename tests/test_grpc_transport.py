@@ -62,9 +62,9 @@ from pollinate.types import (
     TrainRes,
 )
 from tests.fakes import MeanClientFn, initial
+from tests.waiting import WAIT, patience, wait_until
 
 FAST = Backoff(initial_s=0.05, factor=2.0, max_s=0.5)
-WAIT = 60.0  # generous bound for things that take milliseconds: never a timing assertion
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -115,7 +115,8 @@ def started() -> Iterator[Callable[..., Any]]:
 
 
 def serve(started: Callable[..., Any], address: str = "127.0.0.1:0", **kw: Any) -> FleetServer:
-    kw.setdefault("heartbeat_s", 0.5)
+    # 3 missed heartbeats drop a client: on a busy machine a thread can sleep that long
+    kw.setdefault("heartbeat_s", patience(0.5))
     kw.setdefault("run_id", "test-run")
     return started(FleetServer(address, **kw).start())
 
@@ -130,10 +131,7 @@ def clients(
 
 
 def wait_connected(fleet: FleetServer, ids) -> None:
-    deadline = time.monotonic() + WAIT
-    while not set(ids) <= set(fleet.connected()):
-        assert time.monotonic() < deadline, f"connected: {fleet.connected()}"
-        time.sleep(0.01)
+    wait_until(lambda: set(ids) <= set(fleet.connected()), f"clients {sorted(ids)} to connect")
 
 
 def by_id(outcomes: Iterator[Outcome]) -> dict[int, Outcome]:
@@ -384,7 +382,7 @@ def test_straggler_times_out_and_serves_the_next_round(started) -> None:
     clients_now = clients(started, fleet, [1], lambda ctx: GateClient(gate))
     assert fleet.connected() == [0, 1]
     executor = GrpcExecutor(fleet)
-    outcomes = by_id(executor.submit(1, "train", train_plan([0, 1]), timeout_s=3.0))
+    outcomes = by_id(executor.submit(1, "train", train_plan([0, 1]), timeout_s=patience(3.0)))
     assert outcomes[0].ok
     assert outcomes[1].error is not None and outcomes[1].error.startswith("timeout")
     assert fleet.status()["tasks_in_flight"] == 0
@@ -409,7 +407,8 @@ def test_consumer_stopping_early_frees_the_tasks(started) -> None:
 def test_result_memory_bound_holds_clients_back_until_the_consumer_catches_up(started) -> None:
     arrays = [np.arange(50_000, dtype=np.float32)]  # a 200 KB result per client
     size = len(serde.dumps(arrays))
-    fleet = serve(started, heartbeat_s=0.5, result_memory_bytes=3 * size)
+    scale = patience(1.0)  # heartbeats and the slow aggregation alike
+    fleet = serve(started, heartbeat_s=0.5 * scale, result_memory_bytes=3 * size)
     clients(started, fleet, range(12), lambda ctx: EchoClient())
     executor = GrpcExecutor(fleet)
     seen = []
@@ -417,7 +416,7 @@ def test_result_memory_bound_holds_clients_back_until_the_consumer_catches_up(st
         assert outcome.ok, outcome.error
         np.testing.assert_array_equal(outcome.result.arrays[0], arrays[0])  # type: ignore[union-attr]
         seen.append(outcome.client_id)
-        time.sleep(0.3)  # a slow aggregation: 3.6 s in all, past 3 heartbeats (1.5 s)
+        time.sleep(0.3 * scale)  # a slow aggregation: 3.6 s in all, past 3 heartbeats (1.5 s)
     memory = fleet.result_memory
     assert sorted(seen) == list(range(12))
     assert memory.peak <= 3 * size  # never more than the bound held at once
@@ -427,10 +426,7 @@ def test_result_memory_bound_holds_clients_back_until_the_consumer_catches_up(st
     stream = executor.submit(2, "train", train_plan(range(12), arrays), WAIT)
     next(stream)
     stream.close()  # type: ignore[attr-defined]
-    deadline = time.monotonic() + WAIT
-    while memory.held:
-        assert time.monotonic() < deadline, f"{memory.held} bytes still held"
-        time.sleep(0.01)
+    wait_until(lambda: not memory.held, "the held result memory to be freed")
 
 
 def test_result_memory_lets_a_result_in_beside_any_one_other() -> None:
@@ -447,10 +443,8 @@ def test_result_memory_lets_a_result_in_beside_any_one_other() -> None:
     got: list[Any] = []
     waiter = threading.Thread(target=lambda: got.append(memory.hold(30, lambda: True)))
     waiter.start()
-    deadline = time.monotonic() + WAIT
-    while memory.waits == 0:  # it counts itself as waiting before it waits
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    # it counts itself as waiting before it waits
+    wait_until(lambda: memory.waits > 0, "the third holder to wait")
     assert waiter.is_alive() and not got
     big.release()
     big.release()  # idempotent
@@ -498,10 +492,10 @@ def test_client_killed_mid_task_fails_fast(started, tmp_path: Path) -> None:
     wait_connected(fleet, [0, 1, 99])
 
     def kill_when_training() -> None:
-        deadline = time.monotonic() + WAIT
-        while not marker.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
+        try:
+            wait_until(marker.exists, "client 99 to start training", poll_s=0.05)
+        finally:
+            proc.send_signal(signal.SIGKILL)
 
     killer = threading.Thread(target=kill_when_training)
     killer.start()
@@ -896,13 +890,6 @@ def signed_result(key: Ed25519PrivateKey, cid: int, **fields: Any) -> pb.Result:
     return res
 
 
-def until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
 def test_a_declared_result_beyond_the_round_bound_is_refused_before_memory_is_held(
     started, keys
 ) -> None:
@@ -967,7 +954,9 @@ def test_a_result_whose_bytes_stop_is_failed_and_holds_no_honest_result_back(sta
     attacker.send(chunk=pb.Chunk(task_id=task.task_id, offset=0, data=data[:4096], last=False))
     beats = Heartbeats(attacker)
     try:
-        until(lambda: fleet.result_memory.held == len(data), "the stalled result's reservation")
+        wait_until(
+            lambda: fleet.result_memory.held == len(data), "the stalled result's reservation"
+        )
         gate.set()  # the honest results arrive while the stalled one holds the whole bound
         thread.join(WAIT)
     finally:
@@ -1070,10 +1059,14 @@ def server_threads() -> int:
 
 def test_a_flood_of_idle_streams_is_shed_and_its_threads_end(started) -> None:
     fleet = serve(
-        started, heartbeat_s=0.5, max_unregistered=20, register_timeout_s=2.0, thread_idle_s=0.5
+        started,
+        heartbeat_s=patience(0.5),
+        max_unregistered=20,
+        register_timeout_s=patience(2.0),  # the flood must be open before the first are closed
+        thread_idle_s=0.5,
     )
     clients(started, fleet, [0])
-    until(lambda: server_threads() <= 3, "the start-up threads to settle")
+    wait_until(lambda: server_threads() <= 3, "the start-up threads to settle")
     baseline = server_threads()
     flood = [started(RawStream(fleet.address)) for _ in range(200)]  # they never register
     ends = [raw.recv() for raw in flood]
@@ -1087,7 +1080,7 @@ def test_a_flood_of_idle_streams_is_shed_and_its_threads_end(started) -> None:
     # the client that registered before the flood was served throughout, and still is
     outcomes = by_id(GrpcExecutor(fleet).submit(1, "train", train_plan([0]), WAIT))
     assert outcomes[0].ok and fleet.connected() == [0]
-    until(lambda: server_threads() <= baseline, f"threads back to {baseline}")
+    wait_until(lambda: server_threads() <= baseline, f"threads back to {baseline}")
 
 
 def test_the_thread_pool_grows_on_demand_and_shrinks_when_idle() -> None:
@@ -1096,13 +1089,13 @@ def test_the_thread_pool_grows_on_demand_and_shrinks_when_idle() -> None:
     pool = ElasticThreadPool(4, idle_s=0.2, name="test-pool")
     release = threading.Event()
     futures = [pool.submit(release.wait, WAIT) for _ in range(6)]  # 2 wait for a thread
-    until(lambda: pool.threads == 4, "four threads")
+    wait_until(lambda: pool.threads == 4, "four threads")
     release.set()
     assert [f.result(WAIT) for f in futures] == [True] * 6 and pool.peak == 4
     assert pool.submit(lambda x: x * 2, 21).result(WAIT) == 42
     with pytest.raises(ZeroDivisionError):
         pool.submit(lambda: 1 / 0).result(WAIT)
-    until(lambda: pool.threads == 0, "the idle threads to end")
+    wait_until(lambda: pool.threads == 0, "the idle threads to end")
     assert not [t for t in threading.enumerate() if t.name.startswith("test-pool")]
     assert pool.submit(lambda: "again").result(WAIT) == "again"  # a new thread on demand
     pool.shutdown()
@@ -1190,20 +1183,18 @@ def test_client_leaves_a_frozen_server_and_comes_back(started, caplog) -> None:
     address = f"127.0.0.1:{server.stdout.readline().strip()}"
     client = started(ClientThread(address, MeanClientFn(), 7))
 
-    def until(condition: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + WAIT
-        while not condition():
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+    def connected() -> bool:
+        return fetch_status(address, timeout_s=WAIT)["connected"] == [7]
 
-    until(lambda: fetch_status(address, timeout_s=WAIT)["connected"] == [7])
+    wait_until(connected, "client 7 to connect", poll_s=0.05)
     server.send_signal(signal.SIGSTOP)  # the server stops answering, its socket stays open
     try:
-        until(lambda: "went silent" in caplog.text)
+        wait_until(lambda: "went silent" in caplog.text, "the client to notice", poll_s=0.05)
     finally:
         server.send_signal(signal.SIGCONT)
-    until(lambda: caplog.text.count("client 7: connected to") == 2)  # a new session
-    until(lambda: fetch_status(address, timeout_s=WAIT)["connected"] == [7])
+    new_session = lambda: caplog.text.count("client 7: connected to") == 2  # noqa: E731
+    wait_until(new_session, "a new session", poll_s=0.05)
+    wait_until(connected, "client 7 to connect again", poll_s=0.05)
     assert client.error is None
 
 

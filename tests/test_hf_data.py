@@ -15,6 +15,7 @@ import pytest
 
 from pollinate.data import Dataset, from_hf, load_dataset
 from pollinate.errors import ConfigError, DataError, MissingDependencyError
+from tests.waiting import patience
 
 datasets = pytest.importorskip("datasets")
 PIL = pytest.importorskip("PIL.Image")
@@ -296,7 +297,7 @@ def test_readme_hf_example_works_as_written(tmp_path, monkeypatch, capsys) -> No
     script, commands = readme_hf_commands()
     monkeypatch.chdir(tmp_path)
     proc = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=patience(120)
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert [c[0] for c in commands] == ["partition", "run"]

@@ -22,6 +22,7 @@ from pollinate.privacy import (
     PrivacyError,
     local_epsilon,
 )
+from tests.waiting import patience
 
 
 def small(tmp_path, *extra: str) -> config.RunConfig:
@@ -220,7 +221,7 @@ def test_dp_fedavg_through_the_cli(tmp_path):
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=patience(300),
     )
     assert proc.returncode == 0, proc.stderr
     assert "round 1/3:" in proc.stderr and "ε " in proc.stderr  # progress shows ε
@@ -267,7 +268,7 @@ def test_secure_dp_fedavg_through_the_cli(tmp_path):
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=patience(300),
     )
     assert proc.returncode == 0, proc.stderr
     rounds = _history(tmp_path)["rounds"]

@@ -22,6 +22,7 @@ from pollinate.simulation.backends.ray import RayBackend
 from pollinate.strategy.fedavg import FedAvg
 from pollinate.types import Arrays, Task
 from tests.fakes import MeanClient, MeanClientFn, SlowStartClientFn, cache_client_fn, initial
+from tests.waiting import patience
 
 
 def _comparable(history: History) -> dict[str, Any]:
@@ -163,14 +164,18 @@ def test_actors_that_cannot_start_are_a_backend_error(ray_session: Any) -> None:
 
 @pytest.mark.slow
 def test_a_replacement_actor_takes_tasks_only_once_it_is_up(ray_session: Any) -> None:
-    # every actor takes 3 s to start; client 5 sleeps past each round's 2 s deadline
+    # every actor takes 3 s to start; client 5 sleeps past each round's 2 s deadline (both
+    # scaled alike on a busy machine, so the quick clients still finish in time)
+    scale = patience(1.0)
     backend = RayBackend(workers=2)
-    backend.start(SlowStartClientFn({5: "sleep"}, delay_s=3.0))
+    backend.start(SlowStartClientFn({5: "sleep"}, delay_s=3.0 * scale))
     try:
         tasks = [Task(cid, "train", {"seed": cid, "sleep_s": 60}) for cid in range(6)]
-        rounds = [list(backend.run(initial(), tasks, time.monotonic() + 2)) for _ in range(2)]
+        rounds = [
+            list(backend.run(initial(), tasks, time.monotonic() + 2 * scale)) for _ in range(2)
+        ]
         for ref in list(backend._starting):  # wait for the replacements to come up
-            ray_session.get(ref, timeout=60)
+            ray_session.get(ref, timeout=patience(60))
         third = list(backend.run(initial(), tasks[:5], time.monotonic() + 60))
     finally:
         backend.close()

@@ -16,6 +16,7 @@ import pytest
 
 from pollinate.analytics.config import is_analytics
 from pollinate.cli import build_parser, main
+from tests.waiting import patience
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -56,7 +57,11 @@ def run_python(code: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     script = cwd / "example.py"
     script.write_text(code)
     return subprocess.run(
-        [sys.executable, str(script)], cwd=cwd, capture_output=True, text=True, timeout=300
+        [sys.executable, str(script)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=patience(300),
     )
 
 
@@ -211,7 +216,7 @@ def test_readme_commands_that_run_offline_run_as_written(tmp_path):
             env=env,
             capture_output=True,
             text=True,
-            timeout=600,
+            timeout=patience(600),
         )
         assert proc.returncode == 0, f"{command}:\n{proc.stderr[-3000:]}"
         assert "Traceback" not in proc.stderr, command

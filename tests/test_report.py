@@ -800,3 +800,22 @@ def test_history_file_rewrites_incrementally_with_the_same_text(tmp_path):
     assert HistoryFile(tmp_path / "h.json").write({"rounds": []}).read_text() == expected(
         {"rounds": []}
     )
+
+
+def test_report_summary_of_a_resolved_config_names_only_what_the_model_reads() -> None:
+    """A resolved config holds every [model] key; the tree keys belong to XGBoost only."""
+    from pollinate import config
+    from pollinate.report.summary import describe_experiment
+
+    def model_row(*sets: str) -> str:
+        return dict(describe_experiment(config.load(None, list(sets)).to_dict()))["model"]
+
+    assert model_row() == "mlp (hidden [64], framework torch)"
+    assert model_row("model.name=cnn", "model.framework=keras") == "cnn (framework keras)"
+    trees = model_row(
+        "model.framework=xgboost",
+        "model.name=gbtree",
+        "model.max_depth=3",
+        "strategy.name=fedxgb_bagging",
+    )
+    assert trees == "gbtree (framework xgboost, max_depth 3, eta 0.3, local_rounds 1)"

@@ -7,7 +7,7 @@ import json
 import signal
 import subprocess
 import sys
-import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +15,11 @@ import pytest
 
 from pollinate import config
 from pollinate.callbacks import load_checkpoint
+from pollinate.client_state import FileStateStore
 from pollinate.errors import ConfigError
 from pollinate.experiment import run_experiment
-from pollinate.resume import FileStateStore
+from pollinate.resume import RoundStateStore
+from tests.waiting import patience, wait_until
 
 SMALL = [
     "simulation.backend=sequential",
@@ -64,25 +66,38 @@ def test_fresh_moves_the_old_run_aside(tmp_path: Path) -> None:
     assert new["config"]["train"]["lr"] == 0.1
 
 
-def test_a_finished_run_is_not_run_again(tmp_path: Path) -> None:
-    first = run_experiment(_cfg(tmp_path, "run.rounds=2"), quiet=True)
-    again = run_experiment(_cfg(tmp_path, "run.rounds=2"), quiet=True)
-    assert len(again.history.rounds) == 2
+def test_a_finished_run_is_not_run_again(tmp_path: Path, caplog) -> None:
+    first = run_experiment(_cfg(tmp_path, "run.rounds=1"), quiet=True)
+    with caplog.at_level("WARNING", logger="pollinate"):
+        again = run_experiment(_cfg(tmp_path, "run.rounds=1"), quiet=True)
+    assert len(again.history.rounds) == 1
     _same(first.arrays, again.arrays)
+    assert "the run already finished its 1 round; nothing to do" in caplog.text
 
 
 def test_client_state_commits_at_round_end_and_keeps_the_previous_version(tmp_path: Path) -> None:
-    store = FileStateStore(tmp_path)
+    store = RoundStateStore(tmp_path)
     store.put(3, {"c": [np.arange(3.0)], "n": 1})
-    assert not (tmp_path / "3.npz").exists()  # not before the round ends
+    assert store.get(3)["n"] == 1  # the client's next task in this round sees it …
+    assert list(tmp_path.iterdir()) == []  # … but nothing is saved before the round ends
     store.on_round_end({"round": 1}, [])
     store.put(3, {"c": [np.arange(3.0) + 1], "n": 2})
     store.on_round_end({"round": 2}, [])
     assert FileStateStore(tmp_path).get(3)["n"] == 2
-    older = FileStateStore(tmp_path, upto=1).get(3)  # a checkpoint of round 1
+    older = RoundStateStore(tmp_path, upto=1).get(3)  # a checkpoint of round 1
     assert older["n"] == 1
     np.testing.assert_array_equal(older["c"][0], np.arange(3.0))
-    assert FileStateStore(tmp_path, upto=0).get(3) == {}
+    assert RoundStateStore(tmp_path, upto=0).get(3) == {}
+    store.put(3, {})  # a client that drops its state in round 3 …
+    store.on_round_end({"round": 3}, [])
+    assert RoundStateStore(tmp_path).get(3) == {}
+    assert RoundStateStore(tmp_path, upto=2).get(3)["n"] == 2  # … still resumes from round 2
+
+
+def test_client_state_in_the_older_layout_is_refused_not_dropped(tmp_path: Path) -> None:
+    np.savez(tmp_path / "3.npz", x=np.zeros(2))
+    with pytest.raises(ConfigError, match=r"older layout \(3\.npz …\).*--fresh"):
+        RoundStateStore(tmp_path, upto=2)
 
 
 @pytest.mark.slow
@@ -96,19 +111,21 @@ def test_sigkill_after_round_3_of_6_then_resume_equals_an_uninterrupted_run(tmp_
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "pollinate.cli", "run", *sets, "--set", f"run.output={out}", "-q"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
+
+    def rounds_done() -> int:  # what a resume goes by: the last checkpoint's round
         try:
-            if len(json.loads((out / "history.json").read_text())["rounds"]) >= 3:
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    done = len(json.loads((out / "history.json").read_text())["rounds"])
+            return int(load_checkpoint(out / "checkpoints/last.npz")[1]["round"])
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            return 0
+
+    try:
+        wait_until(lambda: rounds_done() >= 3, "round 3", timeout=240, poll_s=0.05, alive=(proc,))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=patience(60))
+    done = rounds_done()
     assert 3 <= done < 6, f"the kill landed after round {done}"
-    resumed = subprocess.run(cmd[:-1], capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(cmd[:-1], capture_output=True, text=True, timeout=patience(600))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming after round {done}" in resumed.stderr
     final, meta = load_checkpoint(out / "checkpoints/last.npz")
@@ -122,10 +139,11 @@ def test_sigterm_leaves_plots_and_report(tmp_path: Path) -> None:
     sets = ["--set", "run.rounds=200", "--set", "simulation.backend=sequential"]
     cmd = [sys.executable, "-m", "pollinate.cli", "run", *sets, "--set", f"run.output={out}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (out / "history.json").is_file():
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    try:
+        history = out / "history.json"
+        wait_until(history.is_file, "round 1", timeout=120, poll_s=0.05, alive=(proc,))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=patience(120))
     assert proc.returncode == 130, err[-2000:]
     assert (out / "report.html").is_file() and (out / "accuracy.png").is_file()

@@ -13,9 +13,9 @@ import pytest
 
 from pollinate.errors import ConfigError
 from pollinate.runlock import LOCK_NAME, RunFolderLocked, RunLock
+from tests.waiting import WAIT
 
 REPO = Path(__file__).resolve().parents[1]
-WAIT = 60.0
 
 HOLDER = textwrap.dedent(
     """

@@ -27,6 +27,7 @@ from pollinate.frameworks.torch import (  # noqa: E402
     torch_evaluator,
 )
 from pollinate.models import model_fn  # noqa: E402
+from tests.waiting import patience  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -300,7 +301,7 @@ def test_training_does_not_import_torch_dynamo():
         [sys.executable, "-c", DYNAMO_PROBE],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=patience(120),
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert done.returncode == 0, done.stderr

@@ -98,6 +98,12 @@ class FederatedDataset:
         """How many held-out test examples client ``cid`` holds."""
         return self._test_count(self.partition.size(cid))
 
+    def has_client_test_data(self) -> bool:
+        """Whether any client holds a held-out test example (else federated evaluation has
+        nothing to run on)."""
+        sizes = self.partition.sizes()
+        return len(sizes) > 0 and int(self._test_counts(sizes).max()) > 0
+
     def label_counts(self) -> np.ndarray:
         """Examples per (client, class), train and test parts together: (num_clients, classes)."""
         clients = np.repeat(np.arange(self.num_clients), self.partition.sizes())

@@ -88,12 +88,19 @@ def _text(value: object) -> str:
     return json.dumps(value, ensure_ascii=False, default=str)
 
 
+# [model] keys that only some models read: shown only for those
+_XGBOOST_MODEL_KEYS = ("max_depth", "eta", "local_rounds")
+
+
 def _model(model: Mapping[str, Any]) -> str:
     name = _text(model["name"])
+    xgboost = model.get("framework") == "xgboost"
     extras = [
         (key, value)
         for key, value in model.items()
-        if key != "name" and (key != "hidden" or name == "mlp")  # only the MLP reads hidden
+        if key != "name"
+        and (key != "hidden" or name == "mlp")  # only the MLP reads hidden
+        and (key not in _XGBOOST_MODEL_KEYS or xgboost)  # only boosted trees read these
     ]
     if not extras:
         return name

@@ -122,20 +122,37 @@ class SimulationExecutor:
             cost = self.cost_fn(cid, kind) if self.cost_fn else 1.0
             task = Task(cid, kind, config, cost, self.state_store.get(cid))
             groups.setdefault(id(ins.arrays), (ins.arrays, []))[1].append(task)
+        # one traceback per distinct error; clients failing alike are counted (the history
+        # names every failed client and its reason)
+        alike: dict[str, list[ClientId]] = {}
+        where = f"round {round_number}" if round_number else "tasks"
         for arrays, tasks in groups.values():
             for outcome in self.backend.run(arrays, tasks, deadline):
                 if outcome.traceback:
-                    log.warning(
-                        "%s: client %s failed in %s:\n%s",
-                        f"round {round_number}" if round_number else "task",
-                        outcome.client_id,
-                        kind,
-                        outcome.traceback.rstrip(),
-                    )
+                    seen = alike.setdefault(outcome.error or "", [])
+                    if not seen:
+                        log.warning(
+                            "%s: client %s failed in %s:\n%s",
+                            where,
+                            outcome.client_id,
+                            kind,
+                            outcome.traceback.rstrip(),
+                        )
+                    seen.append(outcome.client_id)
                 held = outcome.client_id in hold_state
                 if outcome.ok and outcome.state is not None and not held:
                     self.state_store.put(outcome.client_id, outcome.state)
                 yield outcome
+        for error, cids in alike.items():
+            if len(cids) > 1:
+                log.warning(
+                    "%s: %d more clients failed in %s with the same error (%s), e.g. clients %s",
+                    where,
+                    len(cids) - 1,
+                    kind,
+                    error,
+                    ", ".join(str(c) for c in cids[1:6]),
+                )
 
 
 def simulate(

@@ -37,14 +37,10 @@ import psutil
 
 from tests.chaos.apps import STRIDE
 from tests.chaos.proxy import ChaosProxy, Schedule
+from tests.waiting import load_scale
 
 REPO = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
-
-
-def load_scale() -> float:
-    """How much slower than an idle machine to expect: load average per core, at least 1."""
-    return max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
 
 
 def free_port() -> int:

@@ -15,9 +15,9 @@ from collections.abc import Iterator
 import pytest
 
 from tests.chaos.proxy import DOWN, UP, ChaosProxy, Fault, Schedule
+from tests.waiting import WAIT, wait_until
 
 pytestmark = pytest.mark.slow  # part of the chaos suite (`pytest tests/chaos -m slow`); ~5 s
-WAIT = 30.0  # bound on things that take milliseconds; never a timing assertion
 
 
 class Target:
@@ -161,7 +161,7 @@ def test_reset_forwards_up_to_the_offset_then_resets_both_sides() -> None:
             with pytest.raises(ConnectionResetError):
                 while sock.recv(1 << 16):
                     pass
-            wait_for(lambda: outcome, "the server side to see the reset")
+            wait_until(lambda: outcome, "the server side to see the reset")
             assert [f.kind for _, f in proxy.fired] == ["reset"]
     finally:
         target.close()
@@ -182,7 +182,7 @@ def test_truncate_forwards_part_of_a_chunk_then_closes() -> None:
     try:
         with ChaosProxy(target.port, schedule) as proxy, dial(proxy) as sock:
             got = recv_all(sock)  # EOF, not a reset
-            wait_for(lambda: ends, "the server side to see the close")
+            wait_until(lambda: ends, "the server side to see the close")
             assert [f.kind for _, f in proxy.fired] == ["truncate"]
     finally:
         target.close()
@@ -209,8 +209,8 @@ def test_half_open_stops_one_direction_without_closing_then_resets() -> None:
         with ChaosProxy(target.port, schedule) as proxy, dial(proxy) as sock:
             start = time.monotonic()
             sock.sendall(payload)
-            wait_for(lambda: sum(map(len, got_up)) >= 1000, "the first 1000 bytes")
-            wait_for(lambda: "half_open up" in proxy.report(), "the fault")
+            wait_until(lambda: sum(map(len, got_up)) >= 1000, "the first 1000 bytes")
+            wait_until(lambda: "half_open up" in proxy.report(), "the fault")
             # the other direction still works, and the stalled one delivers nothing more
             server_side[0].sendall(b"still here")
             assert recv_exactly(sock, 10) == b"still here"
@@ -259,7 +259,7 @@ def test_the_proxy_stops_by_itself_and_resets_what_is_open(echo_target: Target) 
     with dial(proxy) as sock:
         sock.sendall(b"a")
         assert recv_exactly(sock, 1) == b"a"
-        wait_for(lambda: not proxy.running, "the proxy to stop by itself")
+        wait_until(lambda: not proxy.running, "the proxy to stop by itself")
         with pytest.raises(ConnectionResetError):
             while sock.recv(1 << 16):
                 pass
@@ -277,15 +277,7 @@ def test_an_unreachable_server_closes_the_client_connection() -> None:
             assert sock.recv(1) == b""
         except ConnectionResetError:
             pass
-        wait_for(lambda: "server unreachable" in proxy.report(), "the proxy's report")
-
-
-def wait_for(predicate, what: str, timeout: float = WAIT) -> None:  # type: ignore[no-untyped-def]
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
+        wait_until(lambda: "server unreachable" in proxy.report(), "the proxy's report")
 
 
 def test_a_connection_waits_for_a_server_that_is_coming_back() -> None:
@@ -293,7 +285,7 @@ def test_a_connection_waits_for_a_server_that_is_coming_back() -> None:
         port = s.getsockname()[1]  # nothing listens there yet
     with ChaosProxy(port, upstream_retry_s=WAIT) as proxy, dial(proxy) as sock:
         sock.sendall(b"early")
-        wait_for(lambda: proxy.connections == 1, "the proxy to accept")
+        wait_until(lambda: proxy.connections == 1, "the proxy to accept")
         target = Target(echo)  # the server comes up on another port: move the proxy there
         proxy.target_port = target.port
         try:
