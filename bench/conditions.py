@@ -21,14 +21,22 @@ Variants (``VARIANTS``; one entry each):
   Oort's preferred duration T;
 - ``fp16``, ``qsgd8``, ``qsgd4``, ``top1%+ef``: FedAvg without a deadline, updates compressed
   on the uplink (float16; 8-bit and 4-bit QSGD; top-1% sparsification with error feedback);
-- FedBuff: a marked place in ``VARIANTS``, for when ``strategy.name = "fedbuff"`` exists.
+- ``fedbuff``: asynchronous FedBuff (``strategy.name = "fedbuff"``, Nguyen et al. 2022):
+  ``--concurrency`` K clients training at once (default: the synchronous sample,
+  ``clients × fraction`` = 50), a server step every ``--buffer-size`` M = 10 results, each
+  weighted by ``1/√(1 + staleness)``. Its clients get a per-task timeout, not a round
+  deadline: twice the longest client duration the first variant saw, so that the timeout
+  only catches a vanished client and the slow tier still counts (down-weighted when stale).
+  Its "rounds" are server steps, its "clients/round" the results applied per step (M), and
+  ``--max-rounds`` becomes ``ceil(max_rounds × K / M)`` steps: as many client results as
+  ``--max-rounds`` synchronous rounds of K clients.
 
-Reported per variant: the round, simulated time and bytes (up and down) at which the
-centralized test accuracy (10,000 images, after every round) first reached the target (80%),
-the final accuracy, and the real wall time of the simulation. Each run stops at the target or
-after ``--max-rounds``. Then the virtual clock's own cost: the same rounds with the
-environment (every client online, no deadline: the same training work) and without it,
-interleaved, and their wall-time ratio.
+Reported per variant: the round (server step for fedbuff), simulated time and bytes (up and
+down) at which the centralized test accuracy (10,000 images, after every round or step) first
+reached the target (80%), the final accuracy, and the real wall time of the simulation. Each
+run stops at the target or after ``--max-rounds``. Then the virtual clock's own cost: the
+same rounds with the environment (every client online, no deadline: the same training work)
+and without it, interleaved, and their wall-time ratio.
 
     python bench/conditions.py                    # the full size (see bench/README.md)
     python bench/conditions.py --fraction 0.02 --hidden 64 --epochs 1   # reduced
@@ -62,25 +70,25 @@ TIERS: list[dict[str, Any]] = [
 
 @dataclass(frozen=True)
 class Variant:
-    """One run: its name, ``--set`` overrides, and whether the p90 deadline applies."""
+    """One run: its name, ``--set`` overrides, whether the p90 deadline applies, and whether
+    it is asynchronous (FedBuff: K and M from the arguments, a per-task timeout, server
+    steps)."""
 
     name: str
     overrides: list[str] = field(default_factory=list)
     p90_deadline: bool = False
+    asynchronous: bool = False
 
 
 VARIANTS: list[Variant] = [
-    Variant("fedavg"),  # first: its durations give the p90 deadline of the others
+    Variant("fedavg"),  # first: its durations give the p90 deadline and fedbuff's timeout
     Variant("fedavg p90", p90_deadline=True),
     Variant("oort p90", ["strategy.selection='oort'"], p90_deadline=True),
     Variant("fp16", ["compression.uplink='fp16'"]),
     Variant("qsgd8", ["compression.uplink='qsgd'", "compression.bits=8"]),
     Variant("qsgd4", ["compression.uplink='qsgd'", "compression.bits=4"]),
     Variant("top1%+ef", ["compression.uplink='topk'", "compression.topk_fraction=0.01"]),
-    # FedBuff (asynchronous buffered aggregation) is being built on its own branch; once
-    # `[strategy] name = "fedbuff"` exists, it is this one entry (its keys as that branch
-    # names them):
-    # Variant("fedbuff", ["strategy.name='fedbuff'"]),
+    Variant("fedbuff", ["strategy.name='fedbuff'", "strategy.staleness='sqrt'"], asynchronous=True),
 ]
 
 
@@ -89,7 +97,9 @@ class Reached(Exception):
 
 
 class Tracker(Callback):
-    """Per round: accuracy, simulated clock and bytes; stops the run at the target."""
+    """Per round (or FedBuff server step): accuracy, simulated clock and bytes; stops the run
+    at the target. Per-client durations come from the synchronous clock's records
+    (``environment.clients``); a FedBuff step has none, and its ``async`` block instead."""
 
     def __init__(self, target: float) -> None:
         self.target = target
@@ -107,16 +117,18 @@ class Tracker(Callback):
             if train.get("status") == "ok" and train.get("duration_s") is not None:
                 self.durations.append(float(train["duration_s"]))
         accuracy = record.get("centralized", {}).get("accuracy", float("nan"))
-        self.rounds.append(
-            {
-                "round": record["round"],
-                "accuracy": accuracy,
-                "clock_s": env.get("clock_s", float("nan")),
-                "bytes_up": self.bytes_up,
-                "bytes_down": self.bytes_down,
-                "clients": record["train"]["clients"],
-            }
-        )
+        row = {
+            "round": record["round"],
+            "accuracy": accuracy,
+            "clock_s": env.get("clock_s", float("nan")),
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "clients": record["train"]["clients"],  # FedBuff: the results applied (M)
+            "timeouts": record["train"].get("timeouts", 0),
+        }
+        if "async" in record:
+            row["staleness"] = record["async"]["mean_staleness"]
+        self.rounds.append(row)
         if accuracy >= self.target:
             raise Reached
 
@@ -188,13 +200,28 @@ def simulate_run(cfg: Any, rounds: int, tracker: Tracker | None) -> float:
     return time.perf_counter() - start
 
 
+def fedbuff_sizes(args: argparse.Namespace) -> tuple[int, int, int]:
+    """FedBuff's concurrency K, buffer size M and server steps: K defaults to the synchronous
+    sample (``clients × fraction``), M is at most K, and the steps apply as many client
+    results as ``--max-rounds`` synchronous rounds of K clients."""
+    k = args.concurrency or max(1, round(args.clients * args.fraction))
+    m = min(args.buffer_size, k)
+    return k, m, math.ceil(args.max_rounds * k / m)
+
+
 def run_variant(args: argparse.Namespace, variant: Variant, deadline_s: float) -> dict[str, Any]:
+    """Run one variant; ``deadline_s``: the round deadline (0: none), or for an asynchronous
+    variant each client task's timeout."""
     from pollinate import config
 
     sets = base_overrides(args, args.seed) + environment_overrides(args, True, deadline_s)
+    rounds = args.max_rounds
+    if variant.asynchronous:
+        k, m, rounds = fedbuff_sizes(args)
+        sets += [f"strategy.concurrency={k}", f"strategy.buffer_size={m}"]
     cfg = config.load(None, sets + variant.overrides)
     tracker = Tracker(args.target)
-    wall = simulate_run(cfg, args.max_rounds, tracker)
+    wall = simulate_run(cfg, rounds, tracker)
     hit = next((r for r in tracker.rounds if r["accuracy"] >= args.target), None)
     last = tracker.rounds[-1]
     return {
@@ -203,6 +230,13 @@ def run_variant(args: argparse.Namespace, variant: Variant, deadline_s: float) -
         "reached": hit,
         "last": last,
         "rounds": len(tracker.rounds),
+        "asynchronous": variant.asynchronous,
+        "timeouts": sum(r["timeouts"] for r in tracker.rounds),
+        "mean_staleness": (
+            float(np.mean([r["staleness"] for r in tracker.rounds]))
+            if variant.asynchronous
+            else None
+        ),
         "wall_s": wall,
         "durations": tracker.durations,
         "mean_clients": float(np.mean([r["clients"] for r in tracker.rounds])),
@@ -241,6 +275,8 @@ def table(results: list[dict[str, Any]], target: float) -> str:
     for r in results:
         hit, last = r["reached"], r["last"]
         deadline = "off" if not r["deadline_s"] else f"{r['deadline_s']:.2f}"
+        if r["asynchronous"]:
+            deadline = f"{deadline} per task"
         if hit is None:  # not reached: what the run spent, as a lower bound
             reach = [
                 f"> {r['rounds']}",
@@ -276,9 +312,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
     parser.add_argument("--target", type=float, default=0.8)
-    parser.add_argument("--max-rounds", type=int, default=200)
+    parser.add_argument(
+        "--max-rounds", type=int, default=200, help="fedbuff: ceil(this × K / M) server steps"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", default="", help="comma-separated variant names")
+    parser.add_argument(
+        "--concurrency", type=int, default=0, help="fedbuff's K (0: clients × fraction)"
+    )
+    parser.add_argument("--buffer-size", type=int, default=10, help="fedbuff's M (at most K)")
     parser.add_argument("--overhead-rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=2, help="of the clock-overhead pair")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds (tests)")
@@ -300,15 +342,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if unknown:
         parser.error(f"unknown variant(s) {sorted(unknown)}; use {[v.name for v in VARIANTS]}")
     results: list[dict[str, Any]] = []
-    p90 = math.nan
+    p90 = longest = math.nan
     for variant in VARIANTS:
         if wanted and variant.name not in wanted and variant is not VARIANTS[0]:
             continue
         deadline = p90 if variant.p90_deadline else 0.0
+        if variant.asynchronous:
+            deadline = 2 * longest  # a task timeout that only catches a vanished client
+            k, m, steps = fedbuff_sizes(args)
+            c.say(f"  {variant.name}: K = {k}, M = {m}, at most {steps} server steps")
         result = run_variant(args, variant, deadline)
         if variant is VARIANTS[0]:
             p90 = float(np.percentile(result["durations"], 90))
-            c.say(f"client durations without a deadline: 90th percentile {p90:.3f} s")
+            longest = max(result["durations"])
+            c.say(
+                f"client durations without a deadline: 90th percentile {p90:.3f} s, "
+                f"longest {longest:.3f} s"
+            )
         results.append(result)
         reached = result["reached"]
         c.say(
@@ -320,6 +370,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 else f"{args.target:.0%} not reached"
             )
             + f", wall {result['wall_s']:.1f} s"
+            + (
+                f", mean staleness {result['mean_staleness']:.2f}, "
+                f"{result['timeouts']} task timeouts"
+                if variant.asynchronous
+                else ""
+            )
         )
     with_env, without = clock_overhead(args)
     c.say("")

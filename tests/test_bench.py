@@ -34,7 +34,7 @@ SCRIPTS = {  # script and arguments -> text its report must contain
     "strategies_noniid.py --smoke": "| shards2 | fednova |",
     "strategies_robustness.py --smoke": "target",
     "aggregation_cost.py --smoke": "| 40 × 500 | bulyan (f=4) |",
-    "conditions.py --smoke": "virtual clock cost",
+    "conditions.py --smoke": "| fedbuff | ",
 }
 
 
