@@ -62,6 +62,7 @@ from pollinate.types import (
     TrainIns,
     TrainRes,
 )
+from tests.chaos.proxy import DOWN, UP, ChaosProxy, Fault, Schedule
 from tests.fakes import MeanClientFn, initial
 
 FAST = Backoff(initial_s=0.05, factor=2.0, max_s=0.5)
@@ -1031,6 +1032,41 @@ def test_a_corrupted_upload_fails_its_task_and_the_client_stays_until_too_many_i
     assert caplog.text.count("was rejected, 1 in a row (at most 2): corrupted") == 2
     assert f"rejected: {reason}" in caplog.text  # the server's log says why it dropped it
     assert fleet.result_memory.held == 0
+
+
+@pytest.mark.parametrize("direction", [UP, DOWN])
+def test_a_payload_corrupted_in_transit_costs_one_task_not_the_client(
+    started, caplog, direction: str
+) -> None:
+    """A real client behind a relay that inverts one byte of the first payload going
+    ``direction`` (a model download, or the client's upload): that task fails as
+    ``corrupted``, the client says so in a warning, and the same connection serves round 2."""
+    caplog.set_level(logging.WARNING, logger="pollinate")
+    fleet = serve(started)
+    flip = Fault("flip", direction, at_bytes=8, marker=b"PLN1")  # inside the payload's header
+    with ChaosProxy(fleet.port, Schedule(fixed={0: [flip]})) as proxy:
+        client = started(ClientThread(proxy.address, MeanClientFn(), 0))
+        wait_connected(fleet, [0])
+        executor = GrpcExecutor(fleet)
+        first = by_id(executor.submit(1, "train", train_plan([0]), WAIT))[0]
+        assert len(proxy.flipped) == 1, proxy.events
+        error = first.error or ""
+        if direction == DOWN:  # the client did not train on it and said why
+            assert error.startswith("corrupted: the model download failed its SHA-256 check")
+            until(lambda: "task 1.train.0.1 failed: corrupted" in caplog.text, "the warning")
+        else:
+            assert error.startswith("corrupted: the upload failed its SHA-256 check")
+            until(
+                lambda: (
+                    "its upload for task 1.train.0.1 was rejected by the server: corrupted"
+                    in caplog.text
+                ),
+                "the warning",
+            )
+        second = by_id(executor.submit(2, "train", train_plan([0], config={"round": 2}), WAIT))
+        assert second[0].ok, second[0].error
+        assert proxy.connections == 1 and fleet.connected() == [0]  # never reconnected
+    assert client.close() is None
 
 
 def test_metrics_beyond_the_bounds_are_refused_and_an_honest_client_says_why(started, keys) -> None:
