@@ -187,6 +187,7 @@ def _limit_args(server: argparse.ArgumentParser) -> None:
     """``pollinate server``'s bounds on what one client may take (see README, Deployment)."""
     from pollinate.limits import DEFAULT_MAX_METRICS_BYTES, DEFAULT_MAX_METRICS_KEYS
     from pollinate.transport import (
+        DEFAULT_MAX_CORRUPT_UPLOADS,
         DEFAULT_MAX_STREAMS,
         DEFAULT_MAX_UNREGISTERED,
         DEFAULT_MIN_RESULT_BYTES,
@@ -246,6 +247,14 @@ def _limit_args(server: argparse.ArgumentParser) -> None:
         type=int,
         default=DEFAULT_MAX_METRICS_BYTES >> 10,
         help=f"KiB of metrics per result, as JSON (default {DEFAULT_MAX_METRICS_BYTES >> 10})",
+    )
+    add(
+        "--max-corrupt-uploads",
+        type=int,
+        default=DEFAULT_MAX_CORRUPT_UPLOADS,
+        help="a result that fails its SHA-256 is rejected and the client stays; a client whose "
+        "uploads fail it this many times in a row is dropped "
+        f"(default {DEFAULT_MAX_CORRUPT_UPLOADS})",
     )
 
 
@@ -431,6 +440,7 @@ def _transport_args(args: argparse.Namespace) -> dict[str, Any]:
         "max_unregistered",
         "max_metrics_keys",
         "max_metrics_kib",
+        "max_corrupt_uploads",
     ):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -453,6 +463,7 @@ def _transport_args(args: argparse.Namespace) -> dict[str, Any]:
         "register_timeout_s": args.register_timeout_s,
         "max_metrics_keys": args.max_metrics_keys,
         "max_metrics_bytes": args.max_metrics_kib << 10,
+        "max_corrupt_uploads": args.max_corrupt_uploads,
         "result_size_factor": args.result_size_factor,
         "min_result_bytes": args.min_result_mib << 20,
     }

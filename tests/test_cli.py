@@ -105,6 +105,7 @@ def test_bad_config_exits_2_with_the_key(tmp_path, capsys):
         (["--grpc-option", "grpc.http2.bdp_probe"], "KEY=VALUE"),
         (["--heartbeat-s", "0"], "--heartbeat-s must be > 0"),
         (["--result-memory-mib", "0"], "--result-memory-mib must be >= 1"),
+        (["--max-corrupt-uploads", "0"], "--max-corrupt-uploads must be >= 1"),
     ],
 )
 def test_bad_server_transport_flags_exit_2_before_listening(tmp_path, capsys, flags, message):

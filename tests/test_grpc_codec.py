@@ -16,6 +16,7 @@ from pollinate.transport.grpc import pollinate_pb2 as pb
 from pollinate.transport.grpc.client import Backoff
 from pollinate.transport.grpc.codec import (
     Assembler,
+    CorruptPayload,
     ProtocolError,
     check_sizes,
     decode,
@@ -107,6 +108,8 @@ def test_assembler_refuses_bad_streams(mutate, message: str) -> None:
         for offset, data, last in mutate(pieces):
             asm.add(offset, data, last)
     assert "result of task 't'" in str(err.value)
+    # only damaged bytes in a sound stream spare the stream; bad framing ends it
+    assert isinstance(err.value, CorruptPayload) == (message == "does not match")
 
 
 def test_assembler_refuses_bad_headers() -> None:

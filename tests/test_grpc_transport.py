@@ -34,6 +34,7 @@ from pollinate.security import make_ca, make_server_cert
 from pollinate.server import run
 from pollinate.simulation import simulate
 from pollinate.strategy import FedAvg
+from pollinate.strategy.check import failure_kind
 from pollinate.transport.grpc import pollinate_pb2 as pb
 from pollinate.transport.grpc import pollinate_pb2_grpc as pb_grpc
 from pollinate.transport.grpc.auth import AllowList, Verifier, public_key_b64, sign
@@ -61,6 +62,7 @@ from pollinate.types import (
     TrainIns,
     TrainRes,
 )
+from tests.chaos.proxy import DOWN, UP, ChaosProxy, Fault, Schedule
 from tests.fakes import MeanClientFn, initial
 from tests.waiting import WAIT, patience, wait_until
 
@@ -598,7 +600,6 @@ def test_out_of_protocol_messages_are_rejected_and_honest_clients_served(started
             lambda t, d: [result(t, d), chunk(t, d[:64], 0, False), chunk(t, d, 9)]
         ),
         rejected_with_a_task(lambda t, d: [result(t, d, payload_size=2 << 20)]),
-        rejected_with_a_task(lambda t, d: [result(t, d), chunk(t, bytes(len(d)))]),
         rejected_with_a_task(lambda t, d: [result(t, b"", payload_size=0)]),
         rejected_with_a_task(lambda t, d: [result(t, d, metrics_json='{"a": [1]}')]),
         rejected_with_a_task(lambda t, d: [result(t, d, num_examples=-5)]),
@@ -609,7 +610,6 @@ def test_out_of_protocol_messages_are_rejected_and_honest_clients_served(started
     expected = [
         "expected 64",
         "exceeds the limit",
-        "does not match",
         "must carry Arrays",
         "must be int, float, str or bool",
         "num_examples must be >= 0",
@@ -967,6 +967,95 @@ def test_a_result_whose_bytes_stop_is_failed_and_holds_no_honest_result_back(sta
     assert results[2].client_id == 2 and "stalled: no bytes for" in error, error
     assert "4096 of" in error and "stall_s = 5" in error
     assert fleet.result_memory.held == 0 and fleet.connected() == [0, 1]
+
+
+def test_a_corrupted_upload_fails_its_task_and_the_client_stays_until_too_many_in_a_row(
+    started, keys, caplog
+) -> None:
+    """An allow-listed client's signed result whose bytes fail their SHA-256: its task fails
+    as ``corrupted``, its memory is released, it is told with a Cancel and keeps its stream; a
+    good upload ends the run of bad ones; ``max_corrupt_uploads`` in a row get it rejected."""
+    caplog.set_level(logging.WARNING, logger="pollinate")
+    fleet = serve(started, verifier=verifier_for(keys, ids=(0, 2)), max_corrupt_uploads=2)
+    clients(started, fleet, [0], private_key=keys[0])
+    raw = started(RawStream(fleet.address))
+    assert raw.register(2, keys[2]).WhichOneof("body") == "welcome"
+    wait_connected(fleet, [0, 2])
+    executor = GrpcExecutor(fleet)
+
+    def one_round(corrupt: bool) -> dict[int, Outcome]:
+        thread, results = submit_in_background(executor, train_plan([0, 2]))
+        task, data = raw.take_task()
+        digest = hashlib.sha256(data).digest()
+        res = signed_result(
+            keys[2], 2, task_id=task.task_id, payload_size=len(data), payload_sha256=digest
+        )
+        sent = bytes([data[0] ^ 0xFF]) + data[1:] if corrupt else data  # one byte inverted
+        raw.send(result=res)
+        raw.send(chunk=pb.Chunk(task_id=task.task_id, offset=0, data=sent, last=True))
+        thread.join(WAIT)
+        outcomes = by_id(iter(results))
+        assert outcomes[0].ok, outcomes[0].error
+        return outcomes
+
+    beats = Heartbeats(raw)
+    try:
+        error = one_round(corrupt=True)[2].error or ""
+        assert error.startswith("corrupted: the upload failed its SHA-256 check and was rejected")
+        assert failure_kind(error) == "corrupted" and "does not match" in error, error
+        told = raw.recv()
+        assert told.WhichOneof("body") == "cancel" and told.cancel.reason == error, told
+        assert fleet.connected() == [0, 2] and fleet.result_memory.held == 0
+        good = one_round(corrupt=False)[2]  # the same stream goes on: a good upload counts
+        assert good.ok and good.result is not None
+        assert all(np.array_equal(a, b) for a, b in zip(good.result.arrays, initial()))
+        assert failure_kind(one_round(corrupt=True)[2].error or "") == "corrupted"
+        assert raw.recv().WhichOneof("body") == "cancel"  # one in a row again: still here
+        assert fleet.connected() == [0, 2] and fleet.status()["corrupted_uploads"] == 2
+        assert failure_kind(one_round(corrupt=True)[2].error or "") == "corrupted"
+        reason = raw.expect_reject()  # two in a row: dropped, saying why
+    finally:
+        beats.close()
+    assert "2 uploads in a row failed their SHA-256 check (max_corrupt_uploads = 2)" in reason
+    until(lambda: fleet.connected() == [0], "client 2 dropped")
+    assert caplog.text.count("was rejected, 1 in a row (at most 2): corrupted") == 2
+    assert f"rejected: {reason}" in caplog.text  # the server's log says why it dropped it
+    assert fleet.result_memory.held == 0
+
+
+@pytest.mark.parametrize("direction", [UP, DOWN])
+def test_a_payload_corrupted_in_transit_costs_one_task_not_the_client(
+    started, caplog, direction: str
+) -> None:
+    """A real client behind a relay that inverts one byte of the first payload going
+    ``direction`` (a model download, or the client's upload): that task fails as
+    ``corrupted``, the client says so in a warning, and the same connection serves round 2."""
+    caplog.set_level(logging.WARNING, logger="pollinate")
+    fleet = serve(started)
+    flip = Fault("flip", direction, at_bytes=8, marker=b"PLN1")  # inside the payload's header
+    with ChaosProxy(fleet.port, Schedule(fixed={0: [flip]})) as proxy:
+        client = started(ClientThread(proxy.address, MeanClientFn(), 0))
+        wait_connected(fleet, [0])
+        executor = GrpcExecutor(fleet)
+        first = by_id(executor.submit(1, "train", train_plan([0]), WAIT))[0]
+        assert len(proxy.flipped) == 1, proxy.events
+        error = first.error or ""
+        if direction == DOWN:  # the client did not train on it and said why
+            assert error.startswith("corrupted: the model download failed its SHA-256 check")
+            until(lambda: "task 1.train.0.1 failed: corrupted" in caplog.text, "the warning")
+        else:
+            assert error.startswith("corrupted: the upload failed its SHA-256 check")
+            until(
+                lambda: (
+                    "its upload for task 1.train.0.1 was rejected by the server: corrupted"
+                    in caplog.text
+                ),
+                "the warning",
+            )
+        second = by_id(executor.submit(2, "train", train_plan([0], config={"round": 2}), WAIT))
+        assert second[0].ok, second[0].error
+        assert proxy.connections == 1 and fleet.connected() == [0]  # never reconnected
+    assert client.close() is None
 
 
 def test_metrics_beyond_the_bounds_are_refused_and_an_honest_client_says_why(started, keys) -> None:

@@ -12,3 +12,4 @@ DEFAULT_STALL_S = 30.0  # a result whose bytes stop this long has its stream clo
 DEFAULT_MAX_STREAMS = 1000  # streams open at once
 DEFAULT_MAX_UNREGISTERED = 128  # of which not registered yet
 DEFAULT_REGISTER_TIMEOUT_S = 10.0  # a stream must send its Register within this
+DEFAULT_MAX_CORRUPT_UPLOADS = 3  # a client whose uploads fail their SHA-256 this often in a row

@@ -6,6 +6,11 @@ each task it is given with the same ``execute_task`` as the simulation backends.
 built once: one worker cache lives as long as the process, and the client's state between
 rounds lives here too. When the connection breaks it reconnects with exponential backoff and
 full jitter; when the server rejects it, it stops with :class:`ClientRejected`.
+
+A payload damaged in transit costs one task, not the connection: a model whose bytes fail
+their SHA-256 is not run, and the client reports the task failed (``corrupted: …``); an upload
+the server refuses for the same reason comes back as a ``Cancel`` of a task already answered,
+which the client logs as a warning, and it carries on with the next round.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import random
 import re
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,6 +43,7 @@ from pollinate.transport.grpc.codec import (
     MESSAGE_OVERHEAD,
     PROTOCOL,
     Assembler,
+    CorruptPayload,
     Payload,
     ProtocolError,
     decode,
@@ -72,6 +79,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pollinate")
 
 _CLOSE = object()
+UPLOADS_KEPT = 64  # ids of the last results sent with Arrays, to recognise a refused upload
 
 
 class ClientRejected(PollinateError):
@@ -376,6 +384,7 @@ class _Session:
         self.incoming: dict[str, tuple[pb.Task, Config, Assembler]] = {}
         self.current = ""  # the task whose chunks come next (the server's chunks carry no id)
         self.cancelled: set[str] = set()
+        self.uploaded: OrderedDict[str, None] = OrderedDict()  # recent results sent with Arrays
         self._lock = threading.Lock()
         self._call: Any = None
 
@@ -521,16 +530,27 @@ class _Session:
         elif which == "chunk":
             self._on_chunk(msg.chunk)
         elif which == "cancel":
+            tid = msg.cancel.task_id
             with self._lock:
-                self.cancelled.add(msg.cancel.task_id)
-                self.incoming.pop(msg.cancel.task_id, None)
-                self.result_limits.pop(msg.cancel.task_id, None)
-            log.warning(
-                "client %d: task %s cancelled by the server: %s",
-                self.client_id,
-                msg.cancel.task_id,
-                msg.cancel.reason,
-            )
+                self.cancelled.add(tid)
+                self.incoming.pop(tid, None)
+                self.result_limits.pop(tid, None)
+                answered = tid in self.uploaded  # its result was sent: the server refused it
+                self.uploaded.pop(tid, None)
+            if answered:
+                log.warning(
+                    "client %d: its upload for task %s was rejected by the server: %s",
+                    self.client_id,
+                    tid,
+                    msg.cancel.reason,
+                )
+            else:
+                log.warning(
+                    "client %d: task %s cancelled by the server: %s",
+                    self.client_id,
+                    tid,
+                    msg.cancel.reason,
+                )
         else:
             raise ProtocolError(f"unexpected message {which}")
 
@@ -584,7 +604,15 @@ class _Session:
                 return
             raise ProtocolError(f"a Chunk for unknown task {task_id!r}")
         task, config, assembler = entry
-        if not assembler.add(chunk.offset, chunk.data, chunk.last):
+        try:
+            if not assembler.add(chunk.offset, chunk.data, chunk.last):
+                return
+        except CorruptPayload as e:  # damaged in transit: do not train on it; say so, stay
+            del self.incoming[task_id]
+            self.result_limits.pop(task_id, None)
+            why = f"corrupted: the model download failed its SHA-256 check; not run ({e})"
+            log.warning("client %d: task %s failed: %s", self.client_id, task_id, why)
+            self._send(pb.Result(task_id=task_id, ok=False, error=why[:2000]), None)
             return
         del self.incoming[task_id]
         arrays = decode(assembler.result(), self.max_payload_bytes, writeable=True)
@@ -672,4 +700,8 @@ class _Session:
             res.signed.CopyFrom(to_signed(sig))
         self.outbox.put(pb.ClientMessage(result=res))
         if payload is not None:
+            with self._lock:
+                self.uploaded[res.task_id] = None
+                while len(self.uploaded) > UPLOADS_KEPT:
+                    self.uploaded.popitem(last=False)
             self.outbox.put(_Upload(res.task_id, payload))

@@ -5,7 +5,8 @@ size that fits in memory goes through a stream of small gRPC messages: no 4 MB m
 no 2 GB protobuf ceiling. The header before the chunks declares the total size and the
 SHA-256 of the bytes; the receiver's :class:`Assembler` checks every offset, the declared size
 against its limit, and the checksum at the end. Anything else is a :class:`ProtocolError`,
-which ends the peer's stream.
+which ends the peer's stream, except a checksum that does not match
+(:class:`CorruptPayload`): bytes damaged in transit cost that one transfer, not the stream.
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ MAX_JSON_KEYS = 10_000
 
 class ProtocolError(PollinateError, ValueError):
     """A peer sent a malformed or out-of-protocol message; its stream is closed."""
+
+
+class CorruptPayload(ProtocolError):
+    """A payload arrived whole but its bytes do not match the SHA-256 declared before them: a
+    transmission error (or a faulty peer). The receiver refuses that payload; the stream, well
+    framed, may carry on."""
 
 
 def check_sizes(chunk_bytes: int, max_message_bytes: int, max_payload_bytes: int) -> None:
@@ -183,7 +190,7 @@ class Assembler:
         self._hash.update(data)
         self.received = end
         if last and self._hash.digest() != self._expected:
-            raise ProtocolError(
+            raise CorruptPayload(
                 f"{self.what}: SHA-256 of the {self.size} bytes received does not match the "
                 "declared one (the payload was corrupted)"
             )

@@ -4,7 +4,10 @@ A :class:`Connection` has two threads: gRPC's, which drains the outbox into the 
 (:meth:`Connection.outgoing`), and a reader, which handles what the client sends
 (:meth:`Connection.read`). Every task given to the client is a :class:`Pending` that ends
 exactly once: with the client's result, with a failure when the stream breaks or is closed,
-or expired by the executor at the deadline. Used by ``server.FleetServer``; not public API.
+or expired by the executor at the deadline. A result whose bytes fail their SHA-256 (damaged
+in transit) ends its task with a ``corrupted: …`` failure and the stream carries on, unless
+the client's uploads failed ``max_corrupt_uploads`` times in a row. Used by
+``server.FleetServer``; not public API.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pollinate.transport.grpc.auth import AuthError
 from pollinate.transport.grpc.codec import (
     Assembler,
     Broadcast,
+    CorruptPayload,
     ProtocolError,
     decode,
     loads_scalars,
@@ -352,7 +356,9 @@ class Connection:
             self._on_result(msg.result)
         elif which == "chunk":
             with self.lock:
-                self._on_chunk(msg.chunk)
+                corrupted = self._on_chunk(msg.chunk)
+            if corrupted is not None:
+                self._on_corrupted(*corrupted)
         elif which == "register":
             raise ProtocolError("Register sent twice on one stream")
         else:
@@ -472,21 +478,32 @@ class Connection:
                     )
         return None
 
-    def _on_chunk(self, chunk: pb.Chunk) -> None:
+    def _on_chunk(self, chunk: pb.Chunk) -> tuple[str, Pending | None, str] | None:
+        """Take a chunk of a result (the caller holds ``lock``); when the result is whole but
+        fails its SHA-256, drop it and return ``(task_id, its pending task or None, why)``."""
         incoming = self.receiving.get(chunk.task_id)
         if incoming is None:
             raise ProtocolError(
                 f"a Chunk for task {chunk.task_id!r}, which has no Result header before it"
             )
-        done = incoming.assembler.add(chunk.offset, chunk.data, chunk.last)
+        try:
+            done = incoming.assembler.add(chunk.offset, chunk.data, chunk.last)
+        except CorruptPayload as e:  # whole and well framed, but damaged: refuse this result
+            del self.receiving[chunk.task_id]
+            release(incoming.held)
+            pending = incoming.pending
+            if pending is not None:
+                self.tasks.pop(pending.task_id, None)
+            return chunk.task_id, pending, str(e)
         incoming.progress_at = time.monotonic()
         if not done:
-            return
+            return None
         del self.receiving[chunk.task_id]
+        self.fleet._upload_verified(self)
         pending = incoming.pending
         if pending is None:
             release(incoming.held)
-            return
+            return None
         try:
             arrays = decode(incoming.assembler.result(), self.fleet.max_payload_bytes)
         except BaseException:
@@ -497,6 +514,33 @@ class Connection:
         kind = QueryRes if pending.kind == "query" else TrainRes
         result = kind(arrays, res.num_examples, incoming.metrics)
         pending.finish(self._outcome(pending, result), incoming.held)
+        return None
+
+    def _on_corrupted(self, task_id: str, pending: Pending | None, detail: str) -> None:
+        """A result failed its SHA-256: the task fails with ``corrupted: …`` (its memory is
+        already released) and the client is told; the stream stays open, as the header was
+        checked (signature, bounds) and the framing was sound, unless this client's uploads
+        failed ``max_corrupt_uploads`` times in a row: then it is rejected, saying so."""
+        why = f"corrupted: the upload failed its SHA-256 check and was rejected ({detail})"
+        if pending is not None:
+            pending.finish(pending.failed(why))
+        streak, limit = self.fleet._upload_corrupted(self), self.fleet.max_corrupt_uploads
+        log.warning(
+            "%s: its result for task %s was rejected, %d in a row (at most %d): %s",
+            self.name,
+            task_id,
+            streak,
+            limit,
+            why,
+        )
+        if streak >= limit:
+            self.close(
+                f"{streak} uploads in a row failed their SHA-256 check (max_corrupt_uploads = "
+                f"{limit}): check the client's network and memory; last: {detail}",
+                reject=True,
+            )
+            return
+        self.send(pb.ServerMessage(cancel=pb.Cancel(task_id=task_id, reason=why)))
 
     @staticmethod
     def _outcome(pending: Pending, result: TrainRes | EvaluateRes | QueryRes) -> Outcome:

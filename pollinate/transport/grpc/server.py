@@ -20,6 +20,11 @@ What one client (even an allow-listed one) can take is bounded, so that it canno
   one that sends no Register within ``register_timeout_s`` is closed, and the threads a burst
   of streams needed end once idle (``ElasticThreadPool``);
 - a client removed from the allow-list loses its stream at once, not at its next request.
+
+A result whose bytes fail their SHA-256 (damaged in transit: the header, signature and framing
+were sound) is refused and its task fails with ``corrupted: …``; the client keeps its stream
+and is told (a ``Cancel`` naming the reason). Only ``max_corrupt_uploads`` such uploads in a
+row, from one client id across its streams, get it rejected.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from pollinate.errors import ConfigError, PollinateError, missing_dependency
 from pollinate.limits import DEFAULT_MAX_METRICS_BYTES, DEFAULT_MAX_METRICS_KEYS
 from pollinate.server import in_order
 from pollinate.transport import (
+    DEFAULT_MAX_CORRUPT_UPLOADS,
     DEFAULT_MAX_STREAMS,
     DEFAULT_MAX_UNREGISTERED,
     DEFAULT_MIN_RESULT_BYTES,
@@ -179,7 +185,9 @@ class FleetServer:
     RESOURCE_EXHAUSTED, and clients retry); a stream that sends no Register within
     ``register_timeout_s`` is closed; a stream thread idle for ``thread_idle_s`` ends.
     ``max_metrics_keys`` / ``max_metrics_bytes`` bound each result's metrics (see
-    ``pollinate.limits``). ``grpc_options``: extra gRPC core channel arguments, e.g.
+    ``pollinate.limits``). A result whose bytes fail their SHA-256 fails its task and the
+    client stays; one whose uploads fail it ``max_corrupt_uploads`` times in a row is rejected.
+    ``grpc_options``: extra gRPC core channel arguments, e.g.
     ``[("grpc.http2.bdp_probe", 0)]``.
     """
 
@@ -202,6 +210,7 @@ class FleetServer:
         stall_s: float = DEFAULT_STALL_S,
         max_metrics_keys: int = DEFAULT_MAX_METRICS_KEYS,
         max_metrics_bytes: int = DEFAULT_MAX_METRICS_BYTES,
+        max_corrupt_uploads: int = DEFAULT_MAX_CORRUPT_UPLOADS,
         grpc_options: Sequence[tuple[str, Any]] = (),
         on_register: OnRegister | None = None,
     ) -> None:
@@ -219,6 +228,7 @@ class FleetServer:
             ("max_unregistered", max_unregistered),
             ("max_metrics_keys", max_metrics_keys),
             ("max_metrics_bytes", max_metrics_bytes),
+            ("max_corrupt_uploads", max_corrupt_uploads),
         ):
             if count < 1:
                 raise ConfigError(f"{name} must be >= 1, got {count}")
@@ -239,6 +249,10 @@ class FleetServer:
         self.max_metrics_keys = max_metrics_keys
         self.max_metrics_bytes = max_metrics_bytes
         self.refused_streams = 0  # streams refused at the door (too many unregistered)
+        self.max_corrupt_uploads = max_corrupt_uploads
+        self.corrupted_uploads = 0  # results refused for a SHA-256 mismatch, all clients
+        self._corrupt_streaks: dict[ClientId, int] = {}  # client id -> such uploads in a row
+        self._streak_lock = threading.Lock()
         self.grpc_options = list(grpc_options)
         self.on_register = on_register
         self.round = 0  # the round being run, for the status
@@ -385,6 +399,8 @@ class FleetServer:
             "max_metrics_keys": self.max_metrics_keys,
             "max_metrics_bytes": self.max_metrics_bytes,
             "refused_streams": self.refused_streams,
+            "max_corrupt_uploads": self.max_corrupt_uploads,
+            "corrupted_uploads": self.corrupted_uploads,
             "uptime_s": self._uptime(),
             **self.progress,
         }
@@ -549,6 +565,21 @@ class FleetServer:
                     "must register again with the new key",
                     reject=True,
                 )
+
+    def _upload_corrupted(self, conn: Connection) -> int:
+        """Count a result of ``conn``'s client that failed its SHA-256; how many in a row."""
+        assert conn.client_id is not None
+        with self._streak_lock:
+            self.corrupted_uploads += 1
+            streak = self._corrupt_streaks.get(conn.client_id, 0) + 1
+            self._corrupt_streaks[conn.client_id] = streak
+        return streak
+
+    def _upload_verified(self, conn: Connection) -> None:
+        """A result of ``conn``'s client passed its SHA-256: its run of bad uploads is over."""
+        if conn.client_id is not None and conn.client_id in self._corrupt_streaks:
+            with self._streak_lock:
+                self._corrupt_streaks.pop(conn.client_id, None)
 
     def _forget(self, conn: Connection, *, finished: bool = False) -> None:
         with self._lock:
