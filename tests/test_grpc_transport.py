@@ -1017,7 +1017,7 @@ def test_a_corrupted_upload_fails_its_task_and_the_client_stays_until_too_many_i
     finally:
         beats.close()
     assert "2 uploads in a row failed their SHA-256 check (max_corrupt_uploads = 2)" in reason
-    until(lambda: fleet.connected() == [0], "client 2 dropped")
+    wait_until(lambda: fleet.connected() == [0], "client 2 dropped")
     assert caplog.text.count("was rejected, 1 in a row (at most 2): corrupted") == 2
     assert f"rejected: {reason}" in caplog.text  # the server's log says why it dropped it
     assert fleet.result_memory.held == 0
@@ -1042,10 +1042,10 @@ def test_a_payload_corrupted_in_transit_costs_one_task_not_the_client(
         error = first.error or ""
         if direction == DOWN:  # the client did not train on it and said why
             assert error.startswith("corrupted: the model download failed its SHA-256 check")
-            until(lambda: "task 1.train.0.1 failed: corrupted" in caplog.text, "the warning")
+            wait_until(lambda: "task 1.train.0.1 failed: corrupted" in caplog.text, "the warning")
         else:
             assert error.startswith("corrupted: the upload failed its SHA-256 check")
-            until(
+            wait_until(
                 lambda: (
                     "its upload for task 1.train.0.1 was rejected by the server: corrupted"
                     in caplog.text
