@@ -158,6 +158,38 @@ def test_cuda_on_this_machine_is_a_clear_error():
         sklearn.resolve_device("cuda")
 
 
+RUN_KEYS = {  # a model of each framework for a digits run
+    "torch": ["model.name=mlp"],
+    "keras": ["model.name=mlp"],
+    "jax": ["model.name=mlp"],
+    "sklearn": ["model.name=sgd"],
+    "xgboost": ["model.name=gbtree", "strategy.name=fedxgb_bagging"],
+}
+
+
+@pytest.mark.parametrize("framework", list(RUN_KEYS))
+def test_a_run_asking_for_cuda_without_one_stops_with_the_fix(tmp_path, framework):
+    """``[train] device = "cuda"`` on a machine (or a build) without CUDA stops the run
+    before any training, naming the framework, what it sees and the setting to use."""
+    fw = base.get_framework(framework)
+    cfg = small(
+        tmp_path,
+        "sequential",
+        f"model.framework={framework}",
+        "train.device=cuda",
+        *RUN_KEYS[framework],
+    )
+    if fw.resolve_device("auto") != "cpu":  # this machine has a GPU the framework sees
+        assert fw.resolve_device("cuda") == "cuda:0"
+        return
+    seen = {"sklearn": "scikit-learn runs on the CPU only"}.get(
+        framework, f"{framework}.* sees no CUDA GPU"
+    )
+    with pytest.raises(ConfigError, match=rf"train.device = 'cuda'.*{seen}.*device = 'cpu'"):
+        run_experiment(cfg, quiet=True)
+    assert not (tmp_path / "sequential" / "history.json").exists()
+
+
 def test_workers_are_pinned_to_gpus_round_robin():
     gpus = ["0", "1", "2", "3"]
     assert [worker_gpus(i, 0.5, gpus) for i in range(6)] == [
