@@ -33,6 +33,7 @@ SCRIPTS = {  # script and arguments -> text its report must contain
     "strategies_noniid.py --smoke": "| shards2 | fednova |",
     "strategies_robustness.py --smoke": "target",
     "aggregation_cost.py --smoke": "| 40 × 500 | bulyan (f=4) |",
+    "frameworks.py --smoke": "| jax-w2 (100 clients, mlp, 1 round(s)) | sequential |",
 }
 
 
