@@ -15,12 +15,13 @@ leaves, sorted by name), as NumPy arrays.
 
 Training: softmax cross-entropy; the [train] optimizer as optax's ``sgd`` (momentum) or
 ``adam``, with weight decay added to the gradient (coupled L2, as torch's). Each worker
-compiles one train step, its scan over ``CHUNK`` batches (one call trains that many, so
-small models do not pay Python's dispatch at every batch) and one evaluation step, and
-reuses them for every client: batches are padded to ``batch_size`` (padding weighs 0), so
-clients of any size share the compiled steps, and the optimizer's fresh state is made once.
-The step adds FedProx's μ(w − w_global) and SCAFFOLD's c − c_i to the gradient when the
-server asks for them; terms that are off (momentum 0, no weight decay) are not compiled in.
+compiles one train function, the step scanned over ``CHUNK`` batches (one call trains that
+many, so small models do not pay Python's dispatch at every batch; the last chunk is padded
+with batches that do not train), and one evaluation step, and reuses them for every client:
+batches are padded to ``batch_size`` (padding weighs 0), so clients of any size share the
+compiled functions, and the optimizer's fresh state is made once. The step adds FedProx's
+μ(w − w_global) and SCAFFOLD's c − c_i to the gradient when the server asks for them; terms
+that are off (momentum 0, no weight decay) are not compiled in.
 Images arrive NCHW and are transposed to NHWC here.
 
 In a process or Ray worker (``OMP_NUM_THREADS`` set) XLA's CPU thread pool is limited to
@@ -258,17 +259,28 @@ class JaxRunner:
             totals = (steps + 1, loss_sum + loss * mask.sum(), correct + hits)
             return params, new_state, opt_state, totals
 
-        def steps(params, state, opt_state, xs, ys, masks, key, totals, wd, mu, anchor, corr):  # type: ignore[no-untyped-def]
-            def body(carry, batch):  # type: ignore[no-untyped-def]
-                params, state, opt_state, totals = carry
-                x, y, mask = batch
-                out = step(params, state, opt_state, x, y, mask, key, totals, wd, mu, anchor, corr)
-                return out, None
+        def steps(
+            params, state, opt_state, xs, ys, masks, active, key, totals, wd, mu, anchor, corr
+        ):  # type: ignore[no-untyped-def]
+            """``step`` over a chunk of batches; inactive ones (padding the last chunk)
+            leave everything as it is."""
 
-            carry, _ = jax.lax.scan(body, (params, state, opt_state, totals), (xs, ys, masks))
+            def body(carry, batch):  # type: ignore[no-untyped-def]
+                x, y, mask, on = batch
+
+                def train(carry):  # type: ignore[no-untyped-def]
+                    params, state, opt_state, totals = carry
+                    return step(
+                        params, state, opt_state, x, y, mask, key, totals, wd, mu, anchor, corr
+                    )
+
+                return jax.lax.cond(on, train, lambda carry: carry, carry), None
+
+            carry = (params, state, opt_state, totals)
+            carry, _ = jax.lax.scan(body, carry, (xs, ys, masks, active))
             return carry
 
-        return jax.jit(step), jax.jit(steps)
+        return jax.jit(steps)
 
     def _train_step(self, s: TrainSettings, prox: bool, scaffold: bool) -> tuple[Any, Any]:
         """The compiled step for these settings and the optimizer's fresh state (made once:
@@ -313,7 +325,7 @@ class JaxRunner:
         correction: Arrays | None,
     ) -> FitResult:
         s = settings
-        fresh, (one, many) = self._train_step(s, anchor is not None, correction is not None)
+        fresh, step = self._train_step(s, anchor is not None, correction is not None)
         params = self.variables["params"]
         state = {k: self.variables[k] for k in self.collections}
         hyper = {"learning_rate": np.float32(s.lr)}
@@ -336,25 +348,25 @@ class JaxRunner:
         rng = np.random.default_rng(s.seed)
         key = jax.device_put(jax.random.PRNGKey(s.seed % 2**32), self.device)
         n, size = len(y), s.batch_size
-        chunk_masks = np.ones((CHUNK, size), np.float32)
-        # CHUNK batches per compiled call (a scan of the step), the rest one call per batch;
-        # the RNG stream's step count and the epoch's loss and accuracy sums are carried on
-        # the device and read once, at the end
+        # CHUNK batches per compiled call (a scan of the step); the RNG stream's step count
+        # and the epoch's loss and accuracy sums are carried on the device and read once
         count: Any = np.int32(0)
         totals: Any = None
         for _ in range(s.epochs):
             totals = jax.device_put((count, np.float32(0), np.float32(0)), self.device)
-            order = rng.permutation(n)
-            done = 0
-            while n - done >= CHUNK * size:
-                idx = order[done : done + CHUNK * size].reshape(CHUNK, size)
-                params, state, opt_state, totals = many(
-                    params, state, opt_state, x[idx], y[idx], chunk_masks, key, totals, *extra
-                )
-                done += CHUNK * size
-            for xb, yb, mask in _padded(x, y, size, order[done:]):
-                params, state, opt_state, totals = one(
-                    params, state, opt_state, xb, yb, mask, key, totals, *extra
+            idx, masks, active = _chunks(rng.permutation(n), size)
+            for c in range(len(idx)):
+                params, state, opt_state, totals = step(
+                    params,
+                    state,
+                    opt_state,
+                    x[idx[c]],
+                    y[idx[c]],
+                    masks[c],
+                    active[c],
+                    key,
+                    totals,
+                    *extra,
                 )
             count = totals[0]
         self.variables = {"params": params, **state}
@@ -368,6 +380,30 @@ class JaxRunner:
             loss_sum += batch_loss
             correct += batch_correct
         return float(loss_sum) / len(y), {"accuracy": float(correct) / len(y)}
+
+
+def _chunks(order: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``order`` as chunks of ``CHUNK`` batches of ``size``: (indices, example weights,
+    whether each batch trains), shaped (chunks, CHUNK, size), (chunks, CHUNK, size) and
+    (chunks, CHUNK). The last batch is padded with its own examples weighing 0 (as
+    ``_padded``), the last chunk with batches that do not train."""
+    n = len(order)
+    batches = -(-n // size)
+    chunks = -(-batches // CHUNK)
+    idx = np.zeros((chunks * CHUNK, size), order.dtype)
+    masks = np.zeros((chunks * CHUNK, size), np.float32)
+    full = n // size
+    idx[:full] = order[: full * size].reshape(full, size)
+    masks[:full] = 1.0
+    if full < batches:  # the last, short batch
+        idx[full] = np.resize(order[full * size :], size)
+        masks[full, : n - full * size] = 1.0
+    active = np.arange(chunks * CHUNK) < batches
+    return (
+        idx.reshape(chunks, CHUNK, size),
+        masks.reshape(chunks, CHUNK, size),
+        active.reshape(chunks, CHUNK),
+    )
 
 
 def _padded(x: np.ndarray, y: np.ndarray, batch_size: int, order: np.ndarray) -> Any:
