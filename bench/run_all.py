@@ -2,6 +2,7 @@
 
     python bench/run_all.py                  # all three, default sizes (4-8 min on 2 cores)
     python bench/run_all.py --only w2,w3     # some of them
+    python bench/run_all.py --only fw        # Keras W1/W2 and JAX W2 (bench/frameworks.py)
     python bench/run_all.py --quick          # shorter runs, fewer repeats (a smoke test)
     python bench/run_all.py --threads 1      # plain loop and sequential backend on 1 thread
 
@@ -17,15 +18,17 @@ import time
 from pathlib import Path
 
 import common as c
+import frameworks
 import w1_blog
 import w2_many_clients
 import w3_population
 
-WORKLOADS = {"w1": w1_blog, "w2": w2_many_clients, "w3": w3_population}
+WORKLOADS = {"w1": w1_blog, "w2": w2_many_clients, "w3": w3_population, "fw": frameworks}
 QUICK = {  # --quick: rounds and repeats per workload
     "w1": ["--rounds", "1", "--repeats", "1"],
     "w2": ["--rounds", "2", "--repeats", "2"],
     "w3": ["--rounds", "2", "--repeats", "3"],
+    "fw": ["--rounds", "1", "--repeats", "1"],
 }
 
 
@@ -33,7 +36,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--only", default="w1,w2,w3", help="comma-separated: w1,w2,w3")
+    parser.add_argument(
+        "--only", default="w1,w2,w3", help="comma-separated: w1,w2,w3,fw (fw: not by default)"
+    )
     parser.add_argument("--quick", action="store_true", help="fewer rounds and repeats")
     parser.add_argument("--repeats", type=int, help="interleaved repetitions (every workload)")
     parser.add_argument("--threads", type=int, help="torch threads of the plain loop/sequential")

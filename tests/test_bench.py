@@ -35,6 +35,7 @@ SCRIPTS = {  # script and arguments -> text its report must contain
     "strategies_robustness.py --smoke": "target",
     "aggregation_cost.py --smoke": "| 40 × 500 | bulyan (f=4) |",
     "conditions.py --smoke": "| fedbuff | ",
+    "frameworks.py --smoke": "| jax-w2 (100 clients, mlp, 1 round(s)) | sequential |",
 }
 
 

@@ -158,6 +158,38 @@ def test_cuda_on_this_machine_is_a_clear_error():
         sklearn.resolve_device("cuda")
 
 
+RUN_KEYS = {  # a model of each framework for a digits run
+    "torch": ["model.name=mlp"],
+    "keras": ["model.name=mlp"],
+    "jax": ["model.name=mlp"],
+    "sklearn": ["model.name=sgd"],
+    "xgboost": ["model.name=gbtree", "strategy.name=fedxgb_bagging"],
+}
+
+
+@pytest.mark.parametrize("framework", list(RUN_KEYS))
+def test_a_run_asking_for_cuda_without_one_stops_with_the_fix(tmp_path, framework):
+    """``[train] device = "cuda"`` on a machine (or a build) without CUDA stops the run
+    before any training, naming the framework, what it sees and the setting to use."""
+    fw = base.get_framework(framework)
+    cfg = small(
+        tmp_path,
+        "sequential",
+        f"model.framework={framework}",
+        "train.device=cuda",
+        *RUN_KEYS[framework],
+    )
+    if fw.resolve_device("auto") != "cpu":  # this machine has a GPU the framework sees
+        assert fw.resolve_device("cuda") == "cuda:0"
+        return
+    seen = {"sklearn": "scikit-learn runs on the CPU only"}.get(
+        framework, f"{framework}.* sees no CUDA GPU"
+    )
+    with pytest.raises(ConfigError, match=rf"train.device = 'cuda'.*{seen}.*device = 'cpu'"):
+        run_experiment(cfg, quiet=True)
+    assert not (tmp_path / "sequential" / "history.json").exists()
+
+
 def test_workers_are_pinned_to_gpus_round_robin():
     gpus = ["0", "1", "2", "3"]
     assert [worker_gpus(i, 0.5, gpus) for i in range(6)] == [
@@ -321,6 +353,8 @@ def test_sklearn_run_sequential_equals_process(tmp_path):
     seq = run_experiment(small(tmp_path, "sequential", *keys), quiet=True)
     proc = run_experiment(small(tmp_path, "process", *keys), quiet=True)
     assert comparable(seq) == comparable(proc)
+    for a, b in zip(seq.arrays, proc.arrays):
+        np.testing.assert_array_equal(a, b)
     assert seq.history.rounds[-1]["centralized"]["accuracy"] > 0.8
     assert seq.history.rounds[-1]["train"]["metrics"]["num_steps"] > 0
 
@@ -344,6 +378,24 @@ def test_xgboost_client_adds_its_trees(tmp_path):
     assert metrics["accuracy"] > 0.6 and loss < np.log(10)
     with pytest.raises(ConfigError, match="xgboost adapter cannot run SCAFFOLD"):
         client.train(arrays, {"scaffold": True})
+
+
+def test_xgboost_arrays_round_trip(tmp_path):
+    """A client's trees, merged into Arrays and loaded by another worker, are the model the
+    client trained: the same bytes back, the same loss and accuracy on its data."""
+    pytest.importorskip("xgboost")
+    from pollinate.frameworks.xgboost import XGBoostRunner
+
+    client, parts = client_for("xgboost", "gbtree", tmp_path, local_rounds=2, max_depth=3)
+    res = client.train(parts.initial_arrays, {})
+    merged = BoostedTreesBagging().merge(parts.initial_arrays, [res.arrays], [res.num_examples])
+    other = XGBoostRunner(parts.model_fn())
+    other.set_arrays(merged)
+    np.testing.assert_array_equal(other.get_arrays()[0], merged[0])
+    x, y = other.prepare(client.train_data, "train")
+    loss, metrics = other.evaluate(x, y, len(y))
+    assert loss == pytest.approx(res.metrics["loss"], rel=1e-6)
+    assert metrics["accuracy"] == res.metrics["accuracy"]
 
 
 @pytest.mark.slow

@@ -62,13 +62,31 @@ def test_training_lowers_the_loss_with_one_compiled_step(digits):
     x, y = digits
     runner = JaxRunner(mlp())
     arrays = runner.get_arrays()
-    config_ = {"epochs": 2, "batch_size": 32, "lr": 0.1, "report_initial_loss": True}
-    for size in (100, 170):  # two clients of different sizes
+    config_ = {"epochs": 2, "batch_size": 16, "lr": 0.1, "report_initial_loss": True}
+    for size in (100, 170, 300):  # clients of different sizes (300: a scanned chunk too)
         res = FrameworkClient(runner, "jax", (x[:size], y[:size]), None).train(arrays, config_)
         assert res.metrics["loss"] < res.metrics["initial_loss"]
-        assert res.metrics["num_steps"] == 2 * -(-size // 32)
+        assert res.metrics["num_steps"] == 2 * -(-size // 16)
     ((_, step),) = runner._train_steps.values()
-    assert step._cache_size() == 1  # padded batches: one compilation serves both clients
+    assert step._cache_size() == 1  # padded batches and chunks: one compilation serves all
+
+
+def test_scanned_chunks_take_the_same_steps_as_single_calls(digits, monkeypatch):
+    """A chunk of batches in one compiled call (lax.scan; the last chunk padded with batches
+    that do not train) trains as one call per batch."""
+    from pollinate.frameworks import jax as adapter
+
+    x, y = digits
+    runner = JaxRunner(mlp())
+    arrays = runner.get_arrays()
+    config_ = {"epochs": 2, "batch_size": 16, "lr": 0.1, "momentum": 0.9, "seed": 5}
+    chunked = FrameworkClient(runner, "jax", (x, y), None).train(arrays, config_)
+    monkeypatch.setattr(adapter, "CHUNK", 1)  # one call per batch
+    single = FrameworkClient(JaxRunner(mlp()), "jax", (x, y), None).train(arrays, config_)
+    assert chunked.metrics["num_steps"] == single.metrics["num_steps"] == 2 * 19
+    assert chunked.metrics["loss"] == pytest.approx(single.metrics["loss"], rel=1e-5)
+    for a, b in zip(chunked.arrays, single.arrays):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def _distance(a, b) -> float:

@@ -80,6 +80,35 @@ def test_arrays_round_trip_includes_batchnorm_statistics(tmp_path, user_models, 
     )
 
 
+def _dropout_model() -> keras.Model:
+    layers = keras.layers
+    return keras.Sequential(
+        [
+            keras.Input(shape=(8, 8, 1)),
+            layers.Flatten(),
+            layers.Dense(32, activation="relu"),
+            layers.Dropout(0.5),
+            layers.Dense(10, activation="softmax"),
+        ]
+    )
+
+
+def test_dropout_is_seeded_by_the_task_not_by_what_the_worker_ran_before(digits):
+    runner = KerasRunner(_dropout_model())
+    arrays = runner.get_arrays()
+    client = FrameworkClient(runner, "keras", digits, None)
+    config_ = {"epochs": 1, "lr": 0.1, "seed": 3}
+    first = client.train(arrays, config_)
+    client.train(arrays, {**config_, "seed": 4})  # another task in between
+    again = client.train(arrays, config_)
+    elsewhere = FrameworkClient(KerasRunner(_dropout_model()), "keras", digits, None)
+    fresh = elsewhere.train(arrays, config_)  # another worker's model
+    for a, b, c in zip(first.arrays, again.arrays, fresh.arrays):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(a, c, rtol=1e-6, atol=1e-7)
+    assert first.metrics["loss"] == pytest.approx(fresh.metrics["loss"], rel=1e-6)
+
+
 def test_builtin_cnn_is_the_blog_model():
     model = build_model("cnn", (28, 28, 1), 10, ())
     kinds = [type(layer).__name__ for layer in model.layers]

@@ -15,10 +15,14 @@ leaves, sorted by name), as NumPy arrays.
 
 Training: softmax cross-entropy; the [train] optimizer as optax's ``sgd`` (momentum) or
 ``adam``, with weight decay added to the gradient (coupled L2, as torch's). Each worker
-compiles one train step and one evaluation step and reuses them for every client: batches
-are padded to ``batch_size`` (padding weighs 0), so clients of any size share the compiled
-step. The step adds FedProx's μ(w − w_global) and SCAFFOLD's c − c_i to the gradient when
-the server asks for them. Images arrive NCHW and are transposed to NHWC here.
+compiles one train function, the step scanned over ``CHUNK`` batches (one call trains that
+many, so small models do not pay Python's dispatch at every batch; the last chunk is padded
+with batches that do not train), and one evaluation step, and reuses them for every client:
+batches are padded to ``batch_size`` (padding weighs 0), so clients of any size share the
+compiled functions, and the optimizer's fresh state is made once. The step adds FedProx's
+μ(w − w_global) and SCAFFOLD's c − c_i to the gradient when the server asks for them; terms
+that are off (momentum 0, no weight decay) are not compiled in.
+Images arrive NCHW and are transposed to NHWC here.
 
 In a process or Ray worker (``OMP_NUM_THREADS`` set) XLA's CPU thread pool is limited to
 that many threads, when this module is imported before jax is initialized.
@@ -74,6 +78,7 @@ from pollinate.types import Arrays, Metrics  # noqa: E402
 
 MODEL_NAMES = ("logreg", "mlp", "cnn")
 CNN_MIN_SIZE = 10
+CHUNK = 16  # batches per compiled call of the scanned train step
 
 
 class LogReg(nn.Module):
@@ -186,7 +191,7 @@ class JaxRunner:
         self._layout = [(tuple(leaf.shape), np.dtype(leaf.dtype)) for leaf in leaves]
         self.collections = tuple(k for k in variables if k != "params")
         self.variables = variables
-        self._train_steps: dict[tuple[str, bool, bool], Any] = {}
+        self._train_steps: dict[tuple[str, bool, bool, bool, bool], Any] = {}
         self._eval_step = jax.jit(self._evaluate_batch)
 
     def _kw(self, train: bool) -> dict[str, bool]:
@@ -199,10 +204,9 @@ class JaxRunner:
 
     def set_arrays(self, arrays: Arrays) -> None:
         check_arrays(arrays, self._layout, "Flax model")
-        leaves = [
-            jax.device_put(np.asarray(a, dtype), self.device)
-            for a, (_, dtype) in zip(arrays, self._layout)
-        ]
+        leaves = jax.device_put(
+            [np.asarray(a, dtype) for a, (_, dtype) in zip(arrays, self._layout)], self.device
+        )
         self.variables = dict(jax.tree_util.tree_unflatten(self.treedef, leaves))
 
     def trainable(self) -> list[bool]:
@@ -210,7 +214,10 @@ class JaxRunner:
 
     def prepare(self, data: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
         x, y = check_xy(data, what)
-        return channels_last(np.asarray(x, np.float32)), int_labels(y, what)
+        labels = int_labels(y, what)
+        if not jax.config.jax_enable_x64:  # what jax would convert them to at every step
+            labels = labels.astype(np.int32)
+        return channels_last(np.asarray(x, np.float32)), labels
 
     # -- compiled steps ----------------------------------------------------------------------
 
@@ -231,12 +238,15 @@ class JaxRunner:
         n = jnp.maximum(mask.sum(), 1.0)
         return (losses * mask).sum() / n, (logits, dict(new_state))
 
-    def _make_train_step(self, tx: Any, prox: bool, scaffold: bool) -> Any:
-        def step(params, state, opt_state, x, y, mask, rng, wd, mu, anchor, corr):  # type: ignore[no-untyped-def]
+    def _make_train_step(self, tx: Any, decay: bool, prox: bool, scaffold: bool) -> Any:
+        def step(params, state, opt_state, x, y, mask, key, totals, wd, mu, anchor, corr):  # type: ignore[no-untyped-def]
+            steps, loss_sum, correct = totals
+            rng = jax.random.fold_in(key, steps)
             (loss, (logits, new_state)), grads = jax.value_and_grad(self._loss, has_aux=True)(
                 params, state, x, y, mask, rng
             )
-            grads = jax.tree_util.tree_map(lambda g, p: g + wd * p, grads, params)
+            if decay:  # coupled L2, as torch's weight_decay
+                grads = jax.tree_util.tree_map(lambda g, p: g + wd * p, grads, params)
             if prox:  # FedProx: ∇ of μ/2 ‖w − w_global‖²
                 grads = jax.tree_util.tree_map(
                     lambda g, p, a: g + mu * (p - a), grads, params, anchor
@@ -245,19 +255,53 @@ class JaxRunner:
                 grads = jax.tree_util.tree_map(lambda g, c: g + c, grads, corr)
             updates, opt_state = tx.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
-            correct = ((logits.argmax(-1) == y) * mask).sum()
-            return params, new_state, opt_state, loss * mask.sum(), correct
+            hits = ((logits.argmax(-1) == y) * mask).sum()
+            totals = (steps + 1, loss_sum + loss * mask.sum(), correct + hits)
+            return params, new_state, opt_state, totals
 
-        return jax.jit(step)
+        def steps(
+            params, state, opt_state, xs, ys, masks, active, key, totals, wd, mu, anchor, corr
+        ):  # type: ignore[no-untyped-def]
+            """``step`` over a chunk of batches; inactive ones (padding the last chunk)
+            leave everything as it is."""
 
-    def _train_step(self, optimizer: str, prox: bool, scaffold: bool) -> tuple[Any, Any]:
-        key = (optimizer, prox, scaffold)
+            def body(carry, batch):  # type: ignore[no-untyped-def]
+                x, y, mask, on = batch
+
+                def train(carry):  # type: ignore[no-untyped-def]
+                    params, state, opt_state, totals = carry
+                    return step(
+                        params, state, opt_state, x, y, mask, key, totals, wd, mu, anchor, corr
+                    )
+
+                return jax.lax.cond(on, train, lambda carry: carry, carry), None
+
+            carry = (params, state, opt_state, totals)
+            carry, _ = jax.lax.scan(body, carry, (xs, ys, masks, active))
+            return carry
+
+        return jax.jit(steps)
+
+    def _train_step(self, s: TrainSettings, prox: bool, scaffold: bool) -> tuple[Any, Any]:
+        """The compiled step for these settings and the optimizer's fresh state (made once:
+        zeros of the parameters' shapes, immutable, so every task starts from the same one).
+
+        Terms that are off (no momentum, no weight decay, no FedProx or SCAFFOLD) are left
+        out of the compiled step rather than computed with a zero factor; the values (lr,
+        momentum, decay, μ) are inputs, so a run compiles one step.
+        """
+        momentum = s.optimizer == "sgd" and s.momentum != 0
+        key = (s.optimizer, momentum, s.weight_decay != 0, prox, scaffold)
         if key not in self._train_steps:
-            if optimizer == "adam":
+            if s.optimizer == "adam":
                 tx = optax.inject_hyperparams(optax.adam)(learning_rate=0.001)
             else:
-                tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.01, momentum=0.0)
-            self._train_steps[key] = (tx, self._make_train_step(tx, prox, scaffold))
+                tx = optax.inject_hyperparams(optax.sgd)(
+                    learning_rate=0.01, momentum=0.9 if momentum else None
+                )
+            fresh = jax.device_put(tx.init(self.variables["params"]), self.device)
+            step = self._make_train_step(tx, s.weight_decay != 0, prox, scaffold)
+            self._train_steps[key] = (fresh, step)
         return self._train_steps[key]  # type: ignore[no-any-return]
 
     def _evaluate_batch(self, variables: Any, x: Any, y: Any, mask: Any) -> Any:
@@ -269,7 +313,7 @@ class JaxRunner:
 
     def _tree(self, arrays: Arrays) -> Any:
         """Model-shaped Arrays as the ``params`` tree (other collections dropped)."""
-        leaves = [jnp.asarray(a, dtype) for a, (_, dtype) in zip(arrays, self._layout)]
+        leaves = [np.asarray(a, dtype) for a, (_, dtype) in zip(arrays, self._layout)]
         return jax.tree_util.tree_unflatten(self.treedef, leaves)["params"]
 
     def fit(
@@ -281,46 +325,53 @@ class JaxRunner:
         correction: Arrays | None,
     ) -> FitResult:
         s = settings
-        tx, step = self._train_step(s.optimizer, anchor is not None, correction is not None)
+        fresh, step = self._train_step(s, anchor is not None, correction is not None)
         params = self.variables["params"]
         state = {k: self.variables[k] for k in self.collections}
-        opt_state = tx.init(params)
-        opt_state.hyperparams["learning_rate"] = jnp.asarray(s.lr, jnp.float32)
-        if s.optimizer == "sgd":
-            opt_state.hyperparams["momentum"] = jnp.asarray(s.momentum, jnp.float32)
-        wd = jnp.asarray(s.weight_decay, jnp.float32)
-        mu = jnp.asarray(s.proximal_mu, jnp.float32)
-        anchor_tree = self._tree(anchor) if anchor is not None else None
-        corr_tree = self._tree(correction) if correction is not None else None
-        # committed to the device like the step's outputs, so the first call hits the cache
-        opt_state, wd, mu, anchor_tree, corr_tree = jax.device_put(
-            (opt_state, wd, mu, anchor_tree, corr_tree), self.device
+        hyper = {"learning_rate": np.float32(s.lr)}
+        if "momentum" in fresh.hyperparams:
+            hyper["momentum"] = np.float32(s.momentum)
+        # the task's values, committed to the device (like the step's outputs, so the first
+        # call hits the compiled step's cache) in one transfer
+        hyper, wd, mu, anchor, corr = jax.device_put(
+            (
+                hyper,
+                np.float32(s.weight_decay),
+                np.float32(s.proximal_mu),
+                self._tree(anchor) if anchor is not None else None,
+                self._tree(correction) if correction is not None else None,
+            ),
+            self.device,
         )
+        opt_state = fresh._replace(hyperparams={**fresh.hyperparams, **hyper})
+        extra = (wd, mu, anchor, corr)
         rng = np.random.default_rng(s.seed)
-        key = jax.random.PRNGKey(s.seed % 2**32)
-        n, steps = len(y), 0
-        loss_sum = correct = None
+        key = jax.device_put(jax.random.PRNGKey(s.seed % 2**32), self.device)
+        n, size = len(y), s.batch_size
+        # CHUNK batches per compiled call (a scan of the step); the RNG stream's step count
+        # and the epoch's loss and accuracy sums are carried on the device and read once
+        count: Any = np.int32(0)
+        totals: Any = None
         for _ in range(s.epochs):
-            loss_sum = correct = 0.0
-            for xb, yb, mask in _padded(x, y, s.batch_size, rng.permutation(n)):
-                params, state, opt_state, batch_loss, batch_correct = step(
+            totals = jax.device_put((count, np.float32(0), np.float32(0)), self.device)
+            idx, masks, active = _chunks(rng.permutation(n), size)
+            for c in range(len(idx)):
+                params, state, opt_state, totals = step(
                     params,
                     state,
                     opt_state,
-                    xb,
-                    yb,
-                    mask,
-                    jax.random.fold_in(key, steps),
-                    wd,
-                    mu,
-                    anchor_tree,
-                    corr_tree,
+                    x[idx[c]],
+                    y[idx[c]],
+                    masks[c],
+                    active[c],
+                    key,
+                    totals,
+                    *extra,
                 )
-                loss_sum += batch_loss
-                correct += batch_correct
-                steps += 1
+            count = totals[0]
         self.variables = {"params": params, **state}
-        return FitResult(float(loss_sum) / n, float(correct) / n, steps, s.lr)  # type: ignore[arg-type]
+        steps, loss_sum, correct = (float(t) for t in totals)  # the last epoch's sums
+        return FitResult(loss_sum / n, correct / n, int(steps), s.lr)
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int) -> tuple[float, Metrics]:
         loss_sum, correct = 0.0, 0.0
@@ -331,14 +382,40 @@ class JaxRunner:
         return float(loss_sum) / len(y), {"accuracy": float(correct) / len(y)}
 
 
+def _chunks(order: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``order`` as chunks of ``CHUNK`` batches of ``size``: (indices, example weights,
+    whether each batch trains), shaped (chunks, CHUNK, size), (chunks, CHUNK, size) and
+    (chunks, CHUNK). The last batch is padded with its own examples weighing 0 (as
+    ``_padded``), the last chunk with batches that do not train."""
+    n = len(order)
+    batches = -(-n // size)
+    chunks = -(-batches // CHUNK)
+    idx = np.zeros((chunks * CHUNK, size), order.dtype)
+    masks = np.zeros((chunks * CHUNK, size), np.float32)
+    full = n // size
+    idx[:full] = order[: full * size].reshape(full, size)
+    masks[:full] = 1.0
+    if full < batches:  # the last, short batch
+        idx[full] = np.resize(order[full * size :], size)
+        masks[full, : n - full * size] = 1.0
+    active = np.arange(chunks * CHUNK) < batches
+    return (
+        idx.reshape(chunks, CHUNK, size),
+        masks.reshape(chunks, CHUNK, size),
+        active.reshape(chunks, CHUNK),
+    )
+
+
 def _padded(x: np.ndarray, y: np.ndarray, batch_size: int, order: np.ndarray) -> Any:
     """Batches of exactly ``batch_size`` (the last padded with examples of weight 0), so one
     compiled step serves every batch of every client."""
     size = batch_size
+    full = np.ones(size, np.float32)
     for start in range(0, len(order), size):
         idx = order[start : start + size]
-        mask = np.ones(size, np.float32)
+        mask = full
         if len(idx) < size:
+            mask = np.ones(size, np.float32)
             mask[len(idx) :] = 0.0
             idx = np.resize(idx, size)  # repeats real examples, weighted 0
         yield x[idx], y[idx], mask
