@@ -35,7 +35,7 @@ run folder.
 
 Run it with ``OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1`` on a shared machine (see
 bench/README.md, "Strategy benchmarks"). The sequential backend is the default: it is faster
-here, and the process backend deadlocks with SCAFFOLD on this model (problem 1 there).
+here (the process backend used to deadlock with SCAFFOLD on this model: problem 1 there).
 
     python bench/strategies_noniid.py --time-one           # time one round per backend, then stop
     python bench/strategies_noniid.py                      # the size: 100 rounds x 3 seeds
@@ -220,13 +220,26 @@ def merge(paths: list[Path]) -> str:
         model = a.get("model", "mlp")
         lines.append(
             f"{path}: {len(runs)} runs, {model}{' ' + a['hidden'] if model == 'mlp' else ''}, "
-            f"E = {a['epochs']}, {a['rounds']} rounds, seeds done "
+            f"E = {a['epochs']}, {a['rounds']} rounds, seeds run "
             f"{sorted({r['seed'] for r in runs})}, partitions {a['partitions']}"
         )
         results += runs
     partitions = [p for p in PARTITIONS if any(r["partition"] == p for r in results)]
     strategies = [s for s in STRATEGIES if any(r["strategy"] == s for r in results)]
-    return "\n".join([*lines, table(results, partitions, strategies)])
+    kept = []
+    for p in partitions:  # a seed counts where every strategy ran it: like against like
+        runs = [r for r in results if r["partition"] == p]
+        seeds = sorted({r["seed"] for r in runs})
+        whole = [
+            d for d in seeds if {r["strategy"] for r in runs if r["seed"] == d} >= set(strategies)
+        ]
+        left = [d for d in seeds if d not in whole]
+        kept += [r for r in runs if r["seed"] in whole]
+        lines.append(
+            f"{p}: seeds {whole}"
+            + (f" (seeds {left} left out: not every strategy ran them)" if left else "")
+        )
+    return "\n".join([*lines, table(kept, partitions, strategies)])
 
 
 def time_one_round(args: argparse.Namespace) -> None:

@@ -88,6 +88,7 @@ def test_noniid_cnn_runs_and_merge_prints_the_saved_table(
         timeout=patience(60),
     )
     assert merged.returncode == 0, merged.stdout[-2000:] + merged.stderr[-3000:]
-    assert f"{saved}: 4 runs, cnn, E = 1, 2 rounds, seeds done [0]" in merged.stdout
+    assert f"{saved}: 4 runs, cnn, E = 1, 2 rounds, seeds run [0]" in merged.stdout
+    assert "shards2: seeds [0]\n" in merged.stdout, merged.stdout
     rows = [line for line in run.stdout.splitlines() if line.startswith("| shards2 | fedadam |")]
     assert len(rows) == 1 and rows[0] in merged.stdout, (run.stdout, merged.stdout)
