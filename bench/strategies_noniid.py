@@ -35,12 +35,22 @@ run folder.
 
 Run it with ``OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1`` on a shared machine (see
 bench/README.md, "Strategy benchmarks"). The sequential backend is the default: it is faster
-here, and the process backend deadlocks with SCAFFOLD on this model (problem 1 there).
+here (the process backend used to deadlock with SCAFFOLD on this model: problem 1 there).
 
     python bench/strategies_noniid.py --time-one           # time one round per backend, then stop
     python bench/strategies_noniid.py                      # the issue's size: 100 rounds x 3 seeds
     python bench/strategies_noniid.py --rounds 40 --seeds 0 --partitions iid,dir0.1,shards2
     python bench/strategies_noniid.py --smoke              # a few seconds per run (tests)
+    python bench/strategies_noniid.py --partitions iid,dir0.5 --json a.json   # one core ...
+    python bench/strategies_noniid.py --partitions dir0.1,shards2 --json b.json  # ... each
+    python bench/strategies_noniid.py --merge a.json b.json   # one table from saved results
+
+``--model cnn`` runs the seed CNN instead (``model.name = "cnn"``: two 3x3 convolutions with
+32 and 64 channels, each followed by 2x2 max pooling, then 128 hidden units), with the same
+client optimizer and server settings:
+
+    python bench/strategies_noniid.py --model cnn --strategies fedavg,fedadam,fedyogi \
+        --partitions dir0.1 --seeds 0 --rounds 40
 """
 
 from __future__ import annotations
@@ -94,8 +104,8 @@ def overrides(
         *PARTITIONS[partition],
         f"data.num_clients={args.clients}",
         "data.client_test_fraction=0.0",
-        "model.name='mlp'",
-        f"model.hidden={args.hidden}",
+        f"model.name='{args.model}'",
+        *([f"model.hidden={args.hidden}"] if args.model == "mlp" else []),
         f"train.epochs={args.epochs}",
         f"train.batch_size={BATCH}",
         "train.optimizer='sgd'",
@@ -192,6 +202,46 @@ def table(results: list[dict[str, Any]], partitions: list[str], strategies: list
     return "\n".join(lines)
 
 
+def merge(paths: list[Path]) -> str:
+    """One table from the results that earlier ``--json`` runs saved, with a line per file."""
+    import json
+
+    lines, results = [], []
+    for path in paths:
+        try:
+            payload = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise SystemExit(
+                f"--merge: cannot read {path} ({exc}); pass files written by --json"
+            ) from exc
+        if payload.get("workload") != "strategies_noniid":
+            raise SystemExit(f"--merge: {path} is not a strategies_noniid --json file")
+        a, runs = payload["args"], payload["results"]
+        model = a.get("model", "mlp")
+        lines.append(
+            f"{path}: {len(runs)} runs, {model}{' ' + a['hidden'] if model == 'mlp' else ''}, "
+            f"E = {a['epochs']}, {a['rounds']} rounds, seeds run "
+            f"{sorted({r['seed'] for r in runs})}, partitions {a['partitions']}"
+        )
+        results += runs
+    partitions = [p for p in PARTITIONS if any(r["partition"] == p for r in results)]
+    strategies = [s for s in STRATEGIES if any(r["strategy"] == s for r in results)]
+    kept = []
+    for p in partitions:  # a seed counts where every strategy ran it: like against like
+        runs = [r for r in results if r["partition"] == p]
+        seeds = sorted({r["seed"] for r in runs})
+        whole = [
+            d for d in seeds if {r["strategy"] for r in runs if r["seed"] == d} >= set(strategies)
+        ]
+        left = [d for d in seeds if d not in whole]
+        kept += [r for r in runs if r["seed"] in whole]
+        lines.append(
+            f"{p}: seeds {whole}"
+            + (f" (seeds {left} left out: not every strategy ran them)" if left else "")
+        )
+    return "\n".join([*lines, table(kept, partitions, strategies)])
+
+
 def time_one_round(args: argparse.Namespace) -> None:
     """Time 1-round and 3-round runs of FedAvg per backend: the difference is 2 rounds."""
     for backend in ("sequential", "process"):
@@ -220,6 +270,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--strategies", default=",".join(STRATEGIES), help=f"of {', '.join(STRATEGIES)}"
     )
     parser.add_argument("--lr", type=float, default=LR, help=f"local SGD learning rate ({LR})")
+    parser.add_argument("--model", default="mlp", choices=("mlp", "cnn"), help="mlp or cnn")
     parser.add_argument("--hidden", default="[200, 200]", help="mlp hidden sizes ([200, 200])")
     parser.add_argument("--clients", type=int, default=NUM_CLIENTS, help="clients (100)")
     parser.add_argument("--fraction", type=float, default=FRACTION, help="sampled per round")
@@ -232,7 +283,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help=f"{SMOKE_ROUNDS} rounds, 1 seed, iid and shards2, a [16] MLP (tests)",
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--merge", type=Path, nargs="+", metavar="JSON", help="print one table from --json files"
+    )
     args = parser.parse_args(argv)
+    if args.merge:
+        c.say(merge(args.merge))
+        return {}
     if args.smoke:
         args.rounds = args.rounds or SMOKE_ROUNDS
         args.seeds = args.seeds or "0"
@@ -250,9 +307,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     c.use_shared_data()
     info = c.machine()
+    model_text = f"mlp {args.hidden}" if args.model == "mlp" else "cnn"
     c.say(
         f"Strategies on non-IID data: {args.dataset}, {args.clients} clients, "
-        f"{args.fraction * args.clients:g} per round, mlp {args.hidden}, E = {args.epochs}, "
+        f"{args.fraction * args.clients:g} per round, {model_text}, E = {args.epochs}, "
         f"batch {BATCH}, SGD lr {args.lr} (no momentum), {args.rounds} rounds, seeds {seeds}, "
         f"{args.backend} backend"
     )

@@ -60,3 +60,36 @@ def test_benchmark_script_runs(command: str, data_folder: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert SCRIPTS[command] in proc.stdout, proc.stdout[-3000:]
+
+
+def test_noniid_cnn_runs_and_merge_prints_the_saved_table(
+    data_folder: Path, tmp_path: Path
+) -> None:
+    """``--model cnn`` trains the seed CNN; ``--merge`` rebuilds the table from ``--json`` files."""
+    script = str(REPO / "bench" / "strategies_noniid.py")
+    env = {**os.environ, "POLLINATE_DATA": str(data_folder)}
+    saved = tmp_path / "cnn.json"
+    run = subprocess.run(
+        [sys.executable, script, "--smoke", "--model", "cnn", "--strategies", "fedavg,fedadam"]
+        + ["--json", str(saved)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=patience(300),
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "per round, cnn, E = 1" in run.stdout, run.stdout[-3000:]
+    merged = subprocess.run(
+        [sys.executable, script, "--merge", str(saved)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=patience(60),
+    )
+    assert merged.returncode == 0, merged.stdout[-2000:] + merged.stderr[-3000:]
+    assert f"{saved}: 4 runs, cnn, E = 1, 2 rounds, seeds run [0]" in merged.stdout
+    assert "shards2: seeds [0]\n" in merged.stdout, merged.stdout
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| shards2 | fedadam |")]
+    assert len(rows) == 1 and rows[0] in merged.stdout, (run.stdout, merged.stdout)
