@@ -83,7 +83,7 @@ def test_framework_over_grpc_equals_the_simulation(cluster: Cluster, framework: 
             assert c.poll() in (None, 0), cluster.log(f"client{i}")
         return server.poll() is not None
 
-    wait_until(finished, 300, f"the {framework} run over gRPC")
+    wait_until(finished, f"the {framework} run over gRPC", 300)
     assert server.returncode == 0, cluster.log("server")
     for i, c in enumerate(clients):  # told the run is over, clients stop by themselves
         assert c.wait(timeout=patience(60)) == 0, cluster.log(f"client{i}")
