@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from pollinate.errors import ConfigError, DataError
+from pollinate.strategy.check import squared_sum
 from pollinate.types import Arrays, ClientId, Instructions, Outcome, TaskKind, TrainRes
 
 ATTACK_KINDS = ("sign_flip", "scale", "gaussian", "label_flip", "little_is_enough")
@@ -181,7 +182,7 @@ def poison(
         rng = rng if rng is not None else np.random.default_rng()
         floats = _floats(trained)
         d = sum(delta[i].size for i in floats)
-        norm = math.sqrt(sum(float(np.dot(delta[i].ravel(), delta[i].ravel())) for i in floats))
+        norm = math.sqrt(sum(squared_sum(delta[i]) for i in floats))
         sigma = norm / math.sqrt(d) if d else 0.0
         return _sent(received, trained, [rng.normal(0.0, sigma, size=x.shape) for x in delta])
     raise ConfigError(f"attack kind {kind!r} does not transform one client's update alone")

@@ -46,7 +46,7 @@ from pollinate.strategy.base import (
     StrategyWrapper,
     TrainSummary,
 )
-from pollinate.strategy.check import check_outcome, update_norm
+from pollinate.strategy.check import check_outcome, squared_sum, update_norm
 from pollinate.strategy.selection import Poisson, Uniform
 from pollinate.types import (
     Arrays,
@@ -126,7 +126,7 @@ class ClippedSum:
         for a, r, d in zip(arrays, self.reference, self._scratch):
             if d is not None:
                 np.subtract(a, r, out=d, dtype=np.float64)
-                total += float(np.vdot(d, d))
+                total += squared_sum(d)
         norm = math.sqrt(total)
         if verify and norm > self.clip * (1 + NORM_TOLERANCE):
             return False, norm

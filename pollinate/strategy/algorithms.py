@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from pollinate.errors import ConfigError
+from pollinate.strategy.check import squared_distance
 from pollinate.types import Arrays, Config, Metrics
 
 #: train-config keys the client halves read
@@ -59,10 +60,6 @@ def difference(arrays: Sequence[np.ndarray], reference: Sequence[np.ndarray]) ->
         np.subtract(a, r, dtype=np.complex128 if r.dtype.kind == "c" else np.float64)
         for a, r in zip(arrays, reference)
     ]
-
-
-def _float_sq_norm(delta: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> float:
-    return sum(float(np.vdot(d, d).real) for d, r in zip(delta, reference) if r.dtype.kind == "f")
 
 
 class LocalAlgorithm:
@@ -289,7 +286,7 @@ class FairWeighting(LocalAlgorithm):
             )
         f = max(float(loss), 1e-10)
         L, q = self.lipschitz, self.q
-        sq = L * L * _float_sq_norm(difference(result, arrays), arrays)
+        sq = L * L * squared_distance(result, arrays)
         weight = L * f**q
         self._weights += weight
         self._h += q * f ** (q - 1) * sq + L * f**q

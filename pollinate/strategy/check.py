@@ -119,16 +119,19 @@ _NORM_CHUNK = 1 << 16
 
 def update_norm(arrays: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> float:
     """The L2 norm of ``arrays − reference`` over the floating-point arrays, in float64."""
-    return math.sqrt(
-        sum(_squared_sum(a, r) for a, r in zip(arrays, reference) if r.dtype.kind == "f")
-    )
+    return math.sqrt(squared_distance(arrays, reference))
+
+
+def squared_distance(arrays: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> float:
+    """``‖arrays − reference‖²`` over the floating-point arrays, in float64."""
+    return sum(squared_sum(a, r) for a, r in zip(arrays, reference) if r.dtype.kind == "f")
 
 
 def _float_norm(arrays: Sequence[np.ndarray]) -> float:
-    return math.sqrt(sum(_squared_sum(a) for a in arrays if a.dtype.kind == "f"))
+    return math.sqrt(sum(squared_sum(a) for a in arrays if a.dtype.kind == "f"))
 
 
-def _squared_sum(a: np.ndarray, r: np.ndarray | None = None) -> float:
+def squared_sum(a: np.ndarray, r: np.ndarray | None = None) -> float:
     """``Σ (a − r)²`` (``Σ a²`` without ``r``) in float64, one cache-sized chunk at a time.
 
     ``np.einsum`` without ``optimize`` is NumPy's own single-threaded loop: BLAS
