@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from pollinate.errors import ConfigError
-from pollinate.strategy.selection import FixedSizePolicy
+from pollinate.strategy.selection import FixedSizePolicy, finite_metric
 from pollinate.types import ClientId, Metrics
 
 
@@ -205,9 +205,9 @@ class Oort(FixedSizePolicy):
         for cid in (*results, *failed):
             self._clients.setdefault(cid, [None, None, round_number])
         for cid, metrics in results.items():
-            value, n = metrics.get(self.metric), examples.get(cid)
-            if _number(value) and math.isfinite(float(value)) and n is not None:  # type: ignore[arg-type]
-                self._clients[cid][0] = statistical_utility(int(n), float(value))  # type: ignore[arg-type]
+            loss, n = finite_metric(metrics, self.metric), examples.get(cid)
+            if loss is not None and n is not None:
+                self._clients[cid][0] = statistical_utility(int(n), loss)
         for cid, seconds in (durations or {}).items():
             if cid in self._clients and math.isfinite(seconds) and seconds >= 0:
                 self._clients[cid][1] = float(seconds)

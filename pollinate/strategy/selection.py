@@ -43,6 +43,14 @@ def _in_order(clients: Sequence[ClientId], positions: np.ndarray) -> list[Client
     return [clients[int(i)] for i in np.sort(positions)]
 
 
+def finite_metric(metrics: Metrics, name: str) -> float | None:
+    """``metrics[name]`` as a float when it is a finite number (not a bool), else None."""
+    value = metrics.get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
 class SelectionPolicy(ABC):
     """Chooses a round's clients; may learn from how earlier rounds went."""
 
@@ -214,12 +222,8 @@ class PowerOfChoice(FixedSizePolicy):
         durations: Mapping[ClientId, float] | None = None,
     ) -> None:
         for cid, metrics in results.items():
-            value = metrics.get(self.metric)
-            if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
-                value, bool
-            ):
-                if math.isfinite(value):
-                    self._losses[cid] = float(value)
+            if (loss := finite_metric(metrics, self.metric)) is not None:
+                self._losses[cid] = loss
 
     def state(self) -> dict[str, Any]:
         return {"losses": {str(cid): loss for cid, loss in self._losses.items()}}
