@@ -250,6 +250,57 @@ class _RunClock:
         self.ended = time.perf_counter()
 
 
+def bench_fedavg(spec: Spec, evaluate_fn: Any, fraction_train: float = 1.0) -> Any:
+    """The strategy every plain loop is compared with: FedAvg over ``spec``'s local SGD
+    (no momentum, no weight decay), central evaluation only."""
+    import pollinate
+
+    return pollinate.FedAvg(
+        fraction_train=fraction_train,
+        min_train_clients=1,
+        min_available_clients=1,
+        fraction_evaluate=0.0,  # no federated evaluation
+        min_evaluate_clients=0,
+        train_config={
+            "epochs": spec.epochs,
+            "batch_size": spec.batch_size,
+            "optimizer": "sgd",
+            "lr": spec.lr,
+            "momentum": 0.0,
+            "weight_decay": 0.0,
+            "local_evaluation": False,
+        },
+        evaluate_fn=evaluate_fn,
+        seed=spec.seed,
+    )
+
+
+def simulate_timed(spec: Spec, prepare: Callable[[], dict[str, Any]], **options: Any) -> Result:
+    """``pollinate.simulate(**prepare(), **options)`` for ``spec``'s rounds, timed from the
+    preparation (building the model and the strategy counts, as in a plain loop)."""
+    import pollinate
+
+    clock = _RunClock()
+    start, cpu = time.perf_counter(), cpu_seconds()
+    result = pollinate.simulate(
+        **prepare(),
+        rounds=spec.rounds,
+        seed=spec.seed,
+        callbacks=[clock],  # type: ignore[list-item]
+        **options,
+    )
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+    last = result.history.last["centralized"]
+    return Result(
+        seconds,
+        cpu,
+        last["accuracy"],
+        last["loss"],
+        result.arrays,
+        steady_seconds=clock.ended - clock.started,
+    )
+
+
 def pollinate_fedavg(
     spec: Spec,
     data: Any,
@@ -265,58 +316,30 @@ def pollinate_fedavg(
     """
     import torch
 
-    import pollinate
     from pollinate.frameworks.torch import classification_app, initial_arrays, torch_evaluator
 
     threads_before = torch.get_num_threads()
     if threads_per_worker is None:
         threads_per_worker = threads_before if backend == "sequential" else 1
     build = model_fn(spec, data)
-    clock = _RunClock()
-    start, cpu = time.perf_counter(), cpu_seconds()
+
+    def prepare() -> dict[str, Any]:
+        evaluate = torch_evaluator(build, data.x_test, data.y_test, batch_size=1024)
+        return {
+            "client_fn": classification_app(build, data),
+            "num_clients": data.num_clients,
+            "strategy": bench_fedavg(
+                spec, evaluate, (spec.sampled / data.num_clients) if spec.sampled else 1.0
+            ),
+            "initial_arrays": initial_arrays(build, spec.seed),
+        }
+
     try:
-        strategy = pollinate.FedAvg(
-            fraction_train=(spec.sampled / data.num_clients) if spec.sampled else 1.0,
-            min_train_clients=1,
-            min_available_clients=1,
-            fraction_evaluate=0.0,  # no federated evaluation
-            min_evaluate_clients=0,
-            train_config={
-                "epochs": spec.epochs,
-                "batch_size": spec.batch_size,
-                "optimizer": "sgd",
-                "lr": spec.lr,
-                "momentum": 0.0,
-                "weight_decay": 0.0,
-                "local_evaluation": False,
-            },
-            evaluate_fn=torch_evaluator(build, data.x_test, data.y_test, batch_size=1024),
-            seed=spec.seed,
+        return simulate_timed(
+            spec, prepare, backend=backend, workers=workers, threads_per_worker=threads_per_worker
         )
-        result = pollinate.simulate(
-            classification_app(build, data),
-            num_clients=data.num_clients,
-            strategy=strategy,
-            initial_arrays=initial_arrays(build, spec.seed),
-            rounds=spec.rounds,
-            backend=backend,
-            workers=workers,
-            threads_per_worker=threads_per_worker,
-            seed=spec.seed,
-            callbacks=[clock],  # type: ignore[list-item]
-        )
-        seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     finally:
         torch.set_num_threads(threads_before)
-    last = result.history.last["centralized"]
-    return Result(
-        seconds,
-        cpu,
-        last["accuracy"],
-        last["loss"],
-        result.arrays,
-        steady_seconds=clock.ended - clock.started,
-    )
 
 
 def max_weight_difference(a: list[np.ndarray], b: list[np.ndarray]) -> float:

@@ -79,50 +79,20 @@ def initial(framework: str, spec: c.Spec, data: Any) -> list[np.ndarray]:
 
 def pollinate_fedavg(framework: str, spec: c.Spec, data: Any) -> c.Result:
     """The workload through ``pollinate.simulate`` with the framework's adapter."""
-    import pollinate
     from pollinate.frameworks.base import get_framework
 
     fw = get_framework(framework)
-    clock = c._RunClock()
-    start, cpu = time.perf_counter(), c.cpu_seconds()
-    build = model_fn(framework, spec, data)
-    strategy = pollinate.FedAvg(
-        min_train_clients=1,
-        min_available_clients=1,
-        fraction_evaluate=0.0,  # no federated evaluation
-        min_evaluate_clients=0,
-        train_config={
-            "epochs": spec.epochs,
-            "batch_size": spec.batch_size,
-            "optimizer": "sgd",
-            "lr": spec.lr,
-            "momentum": 0.0,
-            "weight_decay": 0.0,
-            "local_evaluation": False,
-        },
-        evaluate_fn=fw.evaluator(build, data.x_test, data.y_test, "cpu"),
-        seed=spec.seed,
-    )
-    result = pollinate.simulate(
-        fw.client_fn(build, data, "cpu"),
-        num_clients=data.num_clients,
-        strategy=strategy,
-        initial_arrays=fw.initial_arrays(build, spec.seed),
-        rounds=spec.rounds,
-        backend="sequential",
-        seed=spec.seed,
-        callbacks=[clock],  # type: ignore[list-item]
-    )
-    seconds, cpu = time.perf_counter() - start, c.cpu_seconds() - cpu
-    last = result.history.last["centralized"]
-    return c.Result(
-        seconds,
-        cpu,
-        last["accuracy"],
-        last["loss"],
-        result.arrays,
-        steady_seconds=clock.ended - clock.started,
-    )
+
+    def prepare() -> dict[str, Any]:
+        build = model_fn(framework, spec, data)
+        return {
+            "client_fn": fw.client_fn(build, data, "cpu"),
+            "num_clients": data.num_clients,
+            "strategy": c.bench_fedavg(spec, fw.evaluator(build, data.x_test, data.y_test, "cpu")),
+            "initial_arrays": fw.initial_arrays(build, spec.seed),
+        }
+
+    return c.simulate_timed(spec, prepare, backend="sequential")
 
 
 # --- plain loops ----------------------------------------------------------------------------
