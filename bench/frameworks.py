@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")  # noqa: E402 - read when keras loads
@@ -106,6 +106,33 @@ def _nhwc(data: Any) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
+def _sampled_clients(
+    spec: c.Spec, data: Any, round_number: int, x_all: np.ndarray, y_all: np.ndarray
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Each client of round ``round_number`` (the sampler pollinate uses), with its rows."""
+    order, offsets = data.partition.order, data.partition.offsets
+    for cid in c.sample(spec, data.num_clients, round_number):
+        idx = order[offsets[cid] : offsets[cid + 1]]
+        yield cid, x_all[idx], y_all[idx]
+
+
+class _WeightedMean:
+    """FedAvg's mean of the clients' weights, weighted by example count, summed in float64."""
+
+    def __init__(self, like: list[np.ndarray]) -> None:
+        self.like = like
+        self.sums = [np.zeros(w.shape, np.float64) for w in like]
+        self.total = 0
+
+    def add(self, n: int, weights: Iterable[Any]) -> None:
+        for s, w in zip(self.sums, weights):
+            s += n * np.asarray(w, np.float64)
+        self.total += n
+
+    def mean(self) -> list[np.ndarray]:
+        return [(s / self.total).astype(w.dtype) for s, w in zip(self.sums, self.like)]
+
+
 def plain_keras(spec: c.Spec, data: Any, start_arrays: list[np.ndarray], nhwc: Any) -> c.Result:
     """FedAvg as a plain Keras loop: one compiled model, ``fit`` per client."""
     import keras
@@ -115,7 +142,6 @@ def plain_keras(spec: c.Spec, data: Any, start_arrays: list[np.ndarray], nhwc: A
     x_all, x_test = nhwc
     y_all = data.y_train
     y_test = keras.utils.to_categorical(data.y_test, data.num_classes)
-    order, offsets = data.partition.order, data.partition.offsets
 
     start, cpu = time.perf_counter(), c.cpu_seconds()
     model = build_model(spec.model, x_all.shape[1:], int(data.num_classes), spec.hidden)
@@ -124,11 +150,8 @@ def plain_keras(spec: c.Spec, data: Any, start_arrays: list[np.ndarray], nhwc: A
     global_weights = [np.array(w) for w in start_arrays]
     accuracy = loss = float("nan")
     for rnd in range(1, spec.rounds + 1):
-        sums = [np.zeros(w.shape, np.float64) for w in global_weights]
-        total = 0
-        for cid in c.sample(spec, data.num_clients, rnd):
-            idx = order[offsets[cid] : offsets[cid + 1]]
-            x, y = x_all[idx], y_all[idx]
+        mean = _WeightedMean(global_weights)
+        for cid, x, y in _sampled_clients(spec, data, rnd, x_all, y_all):
             n = len(y)
             model.set_weights(global_weights)
             optimizer.iterations.assign(0)  # plain SGD's only state
@@ -142,10 +165,8 @@ def plain_keras(spec: c.Spec, data: Any, start_arrays: list[np.ndarray], nhwc: A
                     shuffle=False,
                     verbose=0,
                 )
-            for s, w in zip(sums, model.get_weights()):
-                s += n * w.astype(np.float64)
-            total += n
-        global_weights = [(s / total).astype(w.dtype) for s, w in zip(sums, global_weights)]
+            mean.add(n, model.get_weights())
+        global_weights = mean.mean()
         model.set_weights(global_weights)
         loss, accuracy = model.evaluate(x_test, y_test, batch_size=1024, verbose=0)
     seconds, cpu = time.perf_counter() - start, c.cpu_seconds() - cpu
@@ -162,7 +183,6 @@ def plain_jax(spec: c.Spec, data: Any, start_arrays: list[np.ndarray], nhwc: Any
 
     x_all, x_test = nhwc
     y_all, y_test = data.y_train.astype(np.int32), data.y_test.astype(np.int32)
-    order, offsets = data.partition.order, data.partition.offsets
 
     start, cpu = time.perf_counter(), c.cpu_seconds()
     module = build_model(spec.model, x_all.shape[1:], int(data.num_classes), spec.hidden).module
@@ -189,11 +209,8 @@ def plain_jax(spec: c.Spec, data: Any, start_arrays: list[np.ndarray], nhwc: Any
     global_weights = [np.array(w) for w in start_arrays]
     accuracy = loss = float("nan")
     for rnd in range(1, spec.rounds + 1):
-        sums = [np.zeros(w.shape, np.float64) for w in global_weights]
-        total = 0
-        for cid in c.sample(spec, data.num_clients, rnd):
-            idx = order[offsets[cid] : offsets[cid + 1]]
-            x, y = x_all[idx], y_all[idx]
+        mean = _WeightedMean(global_weights)
+        for cid, x, y in _sampled_clients(spec, data, rnd, x_all, y_all):
             n = len(y)
             params = jax.tree_util.tree_unflatten(treedef, global_weights)["params"]
             opt_state = tx.init(params)
@@ -203,11 +220,8 @@ def plain_jax(spec: c.Spec, data: Any, start_arrays: list[np.ndarray], nhwc: Any
                 for s in range(0, n, spec.batch_size):
                     b = perm[s : s + spec.batch_size]
                     params, opt_state = step(params, opt_state, x[b], y[b])
-            leaves = jax.tree_util.tree_leaves({"params": params})
-            for acc, w in zip(sums, leaves):
-                acc += n * np.asarray(w, np.float64)
-            total += n
-        global_weights = [(s / total).astype(w.dtype) for s, w in zip(sums, global_weights)]
+            mean.add(n, jax.tree_util.tree_leaves({"params": params}))
+        global_weights = mean.mean()
         params = jax.tree_util.tree_unflatten(treedef, global_weights)["params"]
         loss_sum = correct = 0.0
         for s in range(0, len(y_test), 1024):
