@@ -97,21 +97,32 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 
 
 def write_config(
-    folder: Path, rounds: int, clients: int, extra: str = "", **strategy: object
+    folder: Path,
+    rounds: int,
+    clients: int,
+    extra: str = "",
+    *,
+    dataset: str | None = None,
+    epochs: int = 2,
+    **strategy: object,
 ) -> Path:
+    """``folder/run.toml``: a deterministic run of ``clients`` clients, the ``strategy`` keys,
+    then the ``extra`` TOML text (sections of its own)."""
     lines = [
         "[run]",
         f"rounds = {rounds}",
         'output = "runs/deployed"',
         "deterministic = true",
         "[data]",
+        *([f"dataset = {json.dumps(dataset)}"] if dataset else []),
         f"num_clients = {clients}",
         "[train]",
-        "epochs = 2",
+        f"epochs = {epochs}",
         "[strategy]",
         f"min_available_clients = {clients}",
     ]
     lines += [f"{k} = {json.dumps(v)}" for k, v in strategy.items()]
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / "run.toml"
     path.write_text("\n".join(lines) + "\n" + extra)
     return path

@@ -15,30 +15,9 @@ from pollinate import config
 from pollinate.callbacks import load_checkpoint
 from pollinate.experiment import run_experiment
 from tests.chaos.proxy import DOWN, UP, ChaosProxy, Fault, Schedule
-from tests.test_deploy import Cluster, assert_same_model, free_port, patience
+from tests.test_deploy import Cluster, assert_same_model, free_port, patience, write_config
 
 pytestmark = pytest.mark.slow
-
-
-def _config(
-    folder: Path, *, clients: int, rounds: int, extra: str = "", **strategy: object
-) -> None:
-    lines = [
-        "[run]",
-        f"rounds = {rounds}",
-        'output = "runs/deployed"',
-        "deterministic = true",
-        "[data]",
-        'dataset = "digits"',
-        f"num_clients = {clients}",
-        "[train]",
-        "epochs = 1",
-        "[strategy]",
-        f"min_available_clients = {clients}",
-        *(f"{k} = {json.dumps(v)}" for k, v in strategy.items()),
-    ]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "run.toml").write_text("\n".join(lines) + "\n" + extra)
 
 
 def _server(cluster: Cluster, port: int) -> list[str]:
@@ -86,8 +65,8 @@ def test_compressed_updates_shrink_on_the_wire_and_train_as_in_simulation(tmp_pa
     the simulation's, and the bytes on the wire (payloads and all gRPC framing) shrink."""
     model = '[model]\nname = "mlp"\nhidden = [256]\n'  # 19,210 parameters: 77 kB as float32
     compressed = '[compression]\nuplink = "qsgd"\nbits = 8\ndownlink = "fp16"\n'
-    _config(tmp_path / "plain", clients=3, rounds=2, extra=model)
-    _config(tmp_path / "qsgd", clients=3, rounds=2, extra=model + compressed)
+    write_config(tmp_path / "plain", 2, 3, model, dataset="digits", epochs=1)
+    write_config(tmp_path / "qsgd", 2, 3, model + compressed, dataset="digits", epochs=1)
     plain, plain_history = _deploy(tmp_path / "plain", 3)
     small, history = _deploy(tmp_path / "qsgd", 3)
     # uplink: 6 updates of 77 kB (float32) against ~20 kB (one byte a coordinate, a float64
@@ -112,11 +91,13 @@ def test_an_upload_corrupted_in_transit_is_rejected_and_never_averaged_in(tmp_pa
     transport's SHA-256 of the payload can notice. The server rejects that upload, not the
     client: round 1 is the model of clients 0-2 alone (the simulation with client 3 offline),
     and the same client process, on the same connection, takes part in round 2."""
-    _config(
+    write_config(
         tmp_path,
-        clients=4,
-        rounds=2,
-        extra='[model]\nname = "logreg"\n',
+        2,
+        4,
+        '[model]\nname = "logreg"\n',
+        dataset="digits",
+        epochs=1,
         min_train_clients=3,
         fraction_evaluate=0.0,
     )
