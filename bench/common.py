@@ -250,6 +250,22 @@ class _RunClock:
         self.ended = time.perf_counter()
 
 
+def sgd_overrides(epochs: int, lr: float, batch_size: int = 32) -> list[str]:
+    """``--set`` overrides for what the config-driven benchmarks share: local plain SGD (no
+    momentum, no local evaluation) and central evaluation only."""
+    return [
+        "data.client_test_fraction=0.0",
+        f"train.epochs={epochs}",
+        f"train.batch_size={batch_size}",
+        "train.optimizer='sgd'",
+        f"train.lr={lr}",
+        "train.momentum=0.0",
+        "train.local_evaluation=false",
+        "strategy.fraction_evaluate=0.0",
+        "strategy.min_evaluate_clients=0",
+    ]
+
+
 def bench_fedavg(spec: Spec, evaluate_fn: Any, fraction_train: float = 1.0) -> Any:
     """The strategy every plain loop is compared with: FedAvg over ``spec``'s local SGD
     (no momentum, no weight decay), central evaluation only."""
