@@ -185,6 +185,29 @@ def test_compressed_updates_are_decoded_against_the_model_their_client_started_f
     np.testing.assert_allclose(result.arrays[0], 1 + 2 / math.sqrt(3), rtol=1e-6)
 
 
+def test_compressed_downlink_and_uplink_decode_against_the_model_before_encoding(
+    tmp_path: Path,
+) -> None:
+    """The same run with the model also sent as fp16: the clients receive an encoded model,
+    but their updates are decoded against the model before encoding (as FedAvg does), so
+    every update is accepted and the steps are those computed by hand above."""
+    trace = tmp_path / "clients.csv"
+    trace.write_text("seconds_per_example\n5\n0.5\n1\n")
+    compression = Compression(uplink="fp16", downlink="fp16")
+    result = simulate(
+        compression.client(MeanClientFn()),
+        num_clients=3,
+        strategy=FedBuff(concurrency=3, buffer_size=1, transforms=[compression]),
+        initial_arrays=initial(),
+        rounds=3,
+        backend="sequential",
+        environment=Environment.from_trace(trace, 3),
+    )
+    assert all(r["train"]["failures"] == 0 for r in result.history.rounds)
+    assert [list(r["clients"]) for r in result.history.rounds] == [["1"], ["1"], ["2"]]
+    np.testing.assert_allclose(result.arrays[0], 1 + 2 / math.sqrt(3), rtol=1e-3)
+
+
 def test_without_an_environment_every_client_takes_1_ms_per_example() -> None:
     result = simulate(
         MeanClientFn(),

@@ -53,6 +53,25 @@ EvaluateFn = Callable[[Arrays], tuple[float, Metrics]]
 Accepted = list[tuple[ClientId, int, Metrics]]
 
 
+def decode_outcome(
+    outcome: Outcome, transforms: Sequence[UpdateTransform], sent: Arrays
+) -> tuple[Outcome, Failure | None]:
+    """A train outcome with its arrays decoded by the transforms' server halves (last
+    first), against ``sent``: the model the client started from as it was before the
+    downlink's encoding. A payload that cannot be decoded is a rejection."""
+    res = outcome.result
+    if not (transforms and outcome.ok and isinstance(res, TrainRes)):
+        return outcome, None
+    payload = list(res.arrays)
+    try:
+        for transform in reversed(transforms):
+            payload = transform.decode_update(payload, sent)
+    except UpdateRejected as exc:
+        why = f"update rejected: {exc}"
+        return outcome, Failure(outcome.client_id, "train", why, "rejected")
+    return replace(outcome, result=replace(res, arrays=payload)), None
+
+
 class FedAvg(Strategy):
     """Federated Averaging (McMahan et al. 2017, arXiv:1602.05629), built from parts.
 
@@ -282,17 +301,8 @@ class FedAvg(Strategy):
         """The outcome with its arrays decoded by the transforms' server halves, and the
         failure it stands for (``check_outcome``; a payload that cannot be decoded is
         rejected)."""
-        res = outcome.result
-        if self.transforms and outcome.ok and isinstance(res, TrainRes):
-            payload = list(res.arrays)
-            try:
-                for transform in reversed(self.transforms):
-                    payload = transform.decode_update(payload, self._sent)
-            except UpdateRejected as exc:
-                why = f"update rejected: {exc}"
-                return outcome, Failure(outcome.client_id, "train", why, "rejected")
-            outcome = replace(outcome, result=replace(res, arrays=payload))
-        return outcome, check_outcome(outcome, expected)
+        outcome, failure = decode_outcome(outcome, self.transforms, self._sent)
+        return outcome, failure or check_outcome(outcome, expected)
 
     def _enough(
         self, round_number: int, count: int, weight: float, failures: Sequence[Failure]

@@ -39,17 +39,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from pollinate.errors import ConfigError, UpdateRejected
+from pollinate.errors import ConfigError
 from pollinate.strategy.aggregators import Aggregator, WeightedMean
 from pollinate.strategy.algorithms import LocalAlgorithm
 from pollinate.strategy.base import EvaluateSummary, Failure, Strategy, TrainSummary
 from pollinate.strategy.check import UpdateBounds, check_outcome
-from pollinate.strategy.fedavg import ConfigFn, EvaluateFn, UpdateTransform
+from pollinate.strategy.fedavg import ConfigFn, EvaluateFn, UpdateTransform, decode_outcome
 from pollinate.strategy.metrics import MetricsMean
 from pollinate.strategy.optimizers import Momentum, Plain, ServerOptimizer
 from pollinate.strategy.selection import SelectionPolicy, Uniform
@@ -105,9 +105,8 @@ class Staleness:
 class _Version:
     """A model version some client in flight started from."""
 
-    reference: Arrays  # x_v: what Δ_k is measured against
-    sent: Arrays  # x_v as the clients received it (after the downlink's transforms)
-    ins: TrainIns
+    reference: Arrays  # x_v: what Δ_k is measured against and updates are decoded against
+    ins: TrainIns  # x_v as the clients receive it (after the downlink's transforms)
     users: int = 0
 
 
@@ -289,7 +288,7 @@ class FedBuff(Strategy):
             base = self.train_config
             config = base(self.version + 1) if callable(base) else dict(base or {})
             ins = TrainIns(sent, {**config, "round": self.version + 1})
-            v = self._versions[self.version] = _Version(list(arrays), sent, ins)
+            v = self._versions[self.version] = _Version(list(arrays), ins)
         return v.ins
 
     # 2. a result arrives ---------------------------------------------------------------------
@@ -321,20 +320,11 @@ class FedBuff(Strategy):
     def _checked(self, outcome: Outcome, v: _Version) -> tuple[Failure | None, Arrays | None]:
         """The decode (transforms' server halves), the one update check and the bounds;
         then ``Δ_k = w_k − x_v`` over the float arrays (zero for the others)."""
-        res = outcome.result
-        if self.transforms and outcome.ok and isinstance(res, TrainRes):
-            payload = list(res.arrays)
-            try:
-                for transform in reversed(self.transforms):
-                    payload = transform.decode_update(payload, v.sent)
-            except UpdateRejected as exc:
-                reason = f"update rejected: {exc}"
-                return Failure(outcome.client_id, "train", reason, "rejected"), None
-            outcome = replace(outcome, result=replace(res, arrays=payload))
-            res = outcome.result
-        failure = check_outcome(outcome, v.reference)
+        outcome, failure = decode_outcome(outcome, self.transforms, v.reference)
+        failure = failure or check_outcome(outcome, v.reference)
         if failure is not None:
             return failure, None
+        res = outcome.result
         assert isinstance(res, TrainRes)
         model, why = self.bounds.apply(list(res.arrays), int(res.num_examples), v.reference)
         if why is not None:
