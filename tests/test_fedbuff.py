@@ -94,6 +94,22 @@ def test_three_clients_with_known_updates_and_versions_give_the_exact_model() ->
     assert x2[0].dtype == np.float32 and fb.version == 2
 
 
+def test_a_client_twice_in_one_step_is_recorded_once_with_both_results() -> None:
+    """A fast client can finish, be picked again and finish again before the step: both
+    results count (M = 2), and its record sums the examples (3 + 1) and averages the loss
+    by examples ((3·1.0 + 1·5.0)/4 = 2.0)."""
+    fb = FedBuff(concurrency=2, buffer_size=2)
+    x0 = initial()
+    fb.instructions(x0)
+    fb.instructions(x0)
+    arrays = initial()
+    for loss, n in ((1.0, 3), (5.0, 1)):
+        assert fb.fold(Outcome(7, "train", TrainRes(arrays, n, {"loss": loss})), 0) is None
+    _, summary, _ = fb.step(x0)
+    assert summary.clients == 2 and summary.per_client == {7: (4, {"loss": 2.0})}
+    assert summary.metrics["loss"] == 2.0
+
+
 def test_the_step_goes_through_the_server_optimizer_and_hinge_weights() -> None:
     """η = 0.5 with hinge(a = 1, b = 0): x₀ = 0, a fresh result 2 (weight 1) and a result 4
     one step stale (weight 1/(1·1 + 1) = 1/2) from x₀ after x₁ = 0.5·1 = 0.5 (M = 1)."""

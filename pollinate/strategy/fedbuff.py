@@ -358,10 +358,14 @@ class FedBuff(Strategy):
         mean = [acc / buf.count for acc in buf.total]
         new = self.optimizer.step(arrays, mean)
         metrics = MetricsMean()
-        per_client: dict[ClientId, tuple[int, Metrics]] = {}
+        by_client: dict[ClientId, tuple[int, MetricsMean]] = {}
         for cid, n, client_metrics in buf.accepted:
             metrics.add(client_metrics, n)
-            per_client[cid] = (n, client_metrics)
+            # a fast client may land twice in one step: its examples summed, metrics averaged
+            seen, mean_of_client = by_client.get(cid, (0, MetricsMean()))
+            mean_of_client.add(client_metrics, n)
+            by_client[cid] = (seen + n, mean_of_client)
+        per_client = {cid: (n, m.result()) for cid, (n, m) in by_client.items()}
         summary = TrainSummary(new, metrics.result(), buf.count, list(buf.failures), per_client)
         staleness = list(buf.staleness)
         self._buffer = _Buffer()
