@@ -180,15 +180,12 @@ def test_events_on_the_virtual_clock_by_hand(tmp_path: Path) -> None:
     assert steps[-1]["centralized"]["mean"] == pytest.approx(1 + 2 / math.sqrt(3), rel=1e-6)
 
 
-def test_compressed_updates_are_decoded_against_the_model_their_client_started_from(
-    tmp_path: Path,
-) -> None:
-    """The by-hand run above with fp16 updates Δ = w − x_v (exact here): client 2's update
-    arrives two steps late and must be decoded against x₀ = 0, not the current x₂ = 1."""
+def _three_steps_compressed(tmp_path: Path, compression: Compression) -> Any:
+    """The by-hand run (M = 1, three clients at 5, 0.5 and 1 s an example) with
+    ``compression``."""
     trace = tmp_path / "clients.csv"
     trace.write_text("seconds_per_example\n5\n0.5\n1\n")
-    compression = Compression(uplink="fp16")
-    result = simulate(
+    return simulate(
         compression.client(MeanClientFn()),
         num_clients=3,
         strategy=FedBuff(concurrency=3, buffer_size=1, transforms=[compression]),
@@ -197,6 +194,14 @@ def test_compressed_updates_are_decoded_against_the_model_their_client_started_f
         backend="sequential",
         environment=Environment.from_trace(trace, 3),
     )
+
+
+def test_compressed_updates_are_decoded_against_the_model_their_client_started_from(
+    tmp_path: Path,
+) -> None:
+    """The by-hand run above with fp16 updates Δ = w − x_v (exact here): client 2's update
+    arrives two steps late and must be decoded against x₀ = 0, not the current x₂ = 1."""
+    result = _three_steps_compressed(tmp_path, Compression(uplink="fp16"))
     assert [list(r["clients"]) for r in result.history.rounds] == [["1"], ["1"], ["2"]]
     np.testing.assert_allclose(result.arrays[0], 1 + 2 / math.sqrt(3), rtol=1e-6)
 
@@ -207,18 +212,7 @@ def test_compressed_downlink_and_uplink_decode_against_the_model_before_encoding
     """The same run with the model also sent as fp16: the clients receive an encoded model,
     but their updates are decoded against the model before encoding (as FedAvg does), so
     every update is accepted and the steps are those computed by hand above."""
-    trace = tmp_path / "clients.csv"
-    trace.write_text("seconds_per_example\n5\n0.5\n1\n")
-    compression = Compression(uplink="fp16", downlink="fp16")
-    result = simulate(
-        compression.client(MeanClientFn()),
-        num_clients=3,
-        strategy=FedBuff(concurrency=3, buffer_size=1, transforms=[compression]),
-        initial_arrays=initial(),
-        rounds=3,
-        backend="sequential",
-        environment=Environment.from_trace(trace, 3),
-    )
+    result = _three_steps_compressed(tmp_path, Compression(uplink="fp16", downlink="fp16"))
     assert all(r["train"]["failures"] == 0 for r in result.history.rounds)
     assert [list(r["clients"]) for r in result.history.rounds] == [["1"], ["1"], ["2"]]
     np.testing.assert_allclose(result.arrays[0], 1 + 2 / math.sqrt(3), rtol=1e-3)
